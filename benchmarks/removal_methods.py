@@ -1,0 +1,104 @@
+"""Block-removal methods on one model: perplexity, parameters and scoring time for each method and target.
+
+    python benchmarks/removal_methods.py --remove 6 --max-tokens 16384 --out benchmarks/results/removal_methods.json
+
+Each method scores blocks on the same calibration windows (wikitext2 validation, 16 x 256 tokens by default), its
+selected blocks are removed from a fresh copy of the dense model, and WikiText-2 / PTB test perplexity is measured on
+the first ``--max-tokens`` tokens in windows of ``--seqlen`` (the full test splits when ``--max-tokens 0``, as a GPU
+user should run). Prints a table and writes JSON (and a PNG of perplexity against blocks removed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+from foldgpt.data import CalibrationConfig, load_windows
+from foldgpt.evaluation import perplexity
+from foldgpt.importance import select_blocks
+from foldgpt.models import load_model
+from foldgpt.removal import count_parameters, remove_blocks
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--methods", default="bi,angular,sleb,last,random")
+    parser.add_argument("--remove", default="6", help="comma-separated numbers of blocks to remove")
+    parser.add_argument("--ppl", default="wikitext2,ptb")
+    parser.add_argument("--seqlen", type=int, default=1024, help="evaluation window")
+    parser.add_argument("--max-tokens", type=int, default=16384, help="evaluation tokens per set; 0 = whole test split")
+    parser.add_argument("--nsamples", type=int, default=16)
+    parser.add_argument("--calib-seqlen", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/results/removal_methods.json")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    dense = load_model(args.model)
+    calibration = CalibrationConfig(nsamples=args.nsamples, seqlen=args.calib_seqlen, seed=args.seed)
+    windows = load_windows(dense.tokenizer, calibration.data, calibration.nsamples, calibration.seqlen, calibration.seed)
+    datasets = args.ppl.split(",")
+    max_tokens = args.max_tokens or None
+
+    def evaluate(model) -> dict[str, float]:
+        return {name: perplexity(model, dense.tokenizer, name, args.seqlen, max_tokens).perplexity for name in datasets}
+
+    rows = [{"method": "dense", "removed_count": 0, "removed": [], "parameters": count_parameters(dense.model),
+             "perplexity": evaluate(dense.model), "selection_seconds": 0.0}]
+    print(json.dumps(rows[-1]), file=sys.stderr)
+    for n_remove in [int(n) for n in args.remove.split(",")]:
+        for method in args.methods.split(","):
+            selection = select_blocks(method, dense.model, windows, n_remove, args.seed)
+            model = remove_blocks(copy.deepcopy(dense.model), selection.removed)
+            start = time.perf_counter()
+            rows.append({"method": method, "removed_count": n_remove, "removed": selection.removed,
+                         "parameters": count_parameters(model), "perplexity": evaluate(model),
+                         "selection_seconds": selection.seconds, "eval_seconds": time.perf_counter() - start})
+            print(json.dumps(rows[-1]), file=sys.stderr)
+    result = {"model": dense.source, "calibration": vars(calibration), "eval_seqlen": args.seqlen,
+              "eval_max_tokens": max_tokens, "rows": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print_table(rows, datasets)
+    plot(rows, datasets, out.with_suffix(".png"))
+
+
+def print_table(rows: list[dict], datasets: list[str]) -> None:
+    print(f"| method | removed | params | {' | '.join(d + ' ppl' for d in datasets)} | scoring s |")
+    print("|---|---|---|" + "---|" * len(datasets) + "---|")
+    for row in rows:
+        ppl = " | ".join(f"{row['perplexity'][d]:.2f}" for d in datasets)
+        print(f"| {row['method']} | {row['removed_count']} {row['removed']} | {row['parameters'] / 1e6:.1f}M | {ppl} | {row['selection_seconds']:.1f} |")
+
+
+def plot(rows: list[dict], datasets: list[str], path: Path) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    figure, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4))
+    axes = axes if len(datasets) > 1 else [axes]
+    for axis, name in zip(axes, datasets):
+        for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"):
+            points = sorted((r["removed_count"], r["perplexity"][name]) for r in rows if r["method"] == method)
+            axis.plot(*zip(*points), marker="o", label=method)
+        axis.axhline(rows[0]["perplexity"][name], color="black", linestyle="--", label="dense")
+        axis.set_yscale("log")
+        axis.set_xlabel("blocks removed")
+        axis.set_ylabel(f"{name} perplexity")
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""foldgpt: make decoder-only LLMs shallower (FoldGPT, arXiv 2407.00928).
+
+The Python API mirrors the CLI::
+
+    import foldgpt
+    loaded = foldgpt.load_model("smollm2-135m")
+    stats = foldgpt.analyze(loaded)                      # Block Influence, similarity, angular distance
+    foldgpt.prune(loaded, method="bi", remove=6, out="runs/bi6")
+    foldgpt.perplexity(loaded.model, loaded.tokenizer, "wikitext2", seqlen=1024, max_tokens=8192)
+"""
+
+__version__ = "0.1.0"
+
+from foldgpt.errors import FoldGPTError  # noqa: E402
+from foldgpt.models.loading import LoadedModel, load_model  # noqa: E402
+from foldgpt.data import CalibrationConfig  # noqa: E402
+from foldgpt.analysis import RedundancyStats, analyze, redundancy_stats  # noqa: E402
+from foldgpt.evaluation import PerplexityResult, perplexity  # noqa: E402
+from foldgpt.pruning import PruneResult, prune  # noqa: E402
+from foldgpt.removal import remove_blocks  # noqa: E402
+
+__all__ = [
+    "CalibrationConfig",
+    "FoldGPTError",
+    "LoadedModel",
+    "PerplexityResult",
+    "PruneResult",
+    "RedundancyStats",
+    "analyze",
+    "load_model",
+    "perplexity",
+    "prune",
+    "redundancy_stats",
+    "remove_blocks",
+]

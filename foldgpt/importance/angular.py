@@ -1,0 +1,24 @@
+"""Gromov et al. (2024), "The Unreasonable Ineffectiveness of the Deeper Layers": remove the contiguous span of
+``n`` blocks whose input and output residual states (last token) have the smallest angular distance."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+from foldgpt.analysis import redundancy_stats
+from foldgpt.importance.base import Selection, register
+
+
+@register("angular")
+def select_by_angular_distance(model: PreTrainedModel, windows: torch.Tensor, n_remove: int, seed: int) -> Selection:
+    """The best span ``l .. l+n-1``; scores are the distance of every possible start ``l``."""
+    stats = redundancy_stats(model, windows)
+    start = stats.best_angular_span(n_remove)
+    span_distances = [stats.angular_distance[s][s + n_remove] for s in range(stats.num_blocks - n_remove + 1)]
+    return Selection(
+        method="angular",
+        removed=list(range(start, start + n_remove)),
+        scores=span_distances,
+        details={"span_start": start, "scores_are": "angular distance of the span starting at each block"},
+    )

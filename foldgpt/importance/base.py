@@ -1,0 +1,49 @@
+"""The common shape of block-selection methods, and the registry the CLI reads."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel
+
+from foldgpt.errors import FoldGPTError
+
+
+@dataclass
+class Selection:
+    """Which blocks a method removes (original numbering, sorted) and why."""
+
+    method: str
+    removed: list[int]
+    scores: list[float] | None = None
+    details: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+SelectionMethod = Callable[[PreTrainedModel, torch.Tensor, int, int], Selection]
+"""``method(model, calibration_windows, n_remove, seed) -> Selection``."""
+
+METHODS: dict[str, SelectionMethod] = {}
+
+
+def register(name: str) -> Callable[[SelectionMethod], SelectionMethod]:
+    """Decorator: make a selection method available as ``--method name``."""
+
+    def wrap(function: SelectionMethod) -> SelectionMethod:
+        METHODS[name] = function
+        return function
+
+    return wrap
+
+
+def select_blocks(method: str, model: PreTrainedModel, windows: torch.Tensor, n_remove: int, seed: int = 0) -> Selection:
+    """Run one registered method, timing it."""
+    if method not in METHODS:
+        raise FoldGPTError(f"unknown method '{method}'; choose one of {', '.join(sorted(METHODS))}")
+    start = time.perf_counter()
+    selection = METHODS[method](model, windows, n_remove, seed)
+    selection.seconds = time.perf_counter() - start
+    return selection

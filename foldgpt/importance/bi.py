@@ -1,0 +1,17 @@
+"""ShortGPT (Men et al., 2024): remove the blocks with the lowest Block Influence, 1 - cos(input, output)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+from foldgpt.analysis import redundancy_stats
+from foldgpt.importance.base import Selection, register
+
+
+@register("bi")
+def select_by_block_influence(model: PreTrainedModel, windows: torch.Tensor, n_remove: int, seed: int) -> Selection:
+    """The ``n_remove`` blocks that change their input least (one calibration pass)."""
+    stats = redundancy_stats(model, windows)
+    ranking = sorted(range(stats.num_blocks), key=lambda i: stats.block_influence[i])
+    return Selection(method="bi", removed=sorted(ranking[:n_remove]), scores=stats.block_influence)

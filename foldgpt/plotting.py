@@ -1,0 +1,36 @@
+"""PNG figures: the similarity heatmap and the Block Influence bar chart (headless, Agg backend)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_similarity_heatmap(similarity: Sequence[Sequence[float]], path: Path, title: str = "") -> None:
+    """Cosine similarity of block outputs, block i against block j, as in the FoldGPT redundancy figures."""
+    figure, axis = plt.subplots(figsize=(6.5, 5.5))
+    image = axis.imshow(similarity, cmap="viridis", vmin=min(min(row) for row in similarity), vmax=1.0)
+    figure.colorbar(image, ax=axis, label="mean cosine similarity of outputs")
+    axis.set_xlabel("block j")
+    axis.set_ylabel("block i")
+    axis.set_title(f"Block output similarity {title}".strip())
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_block_influence(block_influence: Sequence[float], path: Path, title: str = "") -> None:
+    """Block Influence per block (1 - cos(input, output)): low bars are the redundant blocks."""
+    figure, axis = plt.subplots(figsize=(max(6.0, 0.25 * len(block_influence)), 3.5))
+    axis.bar(range(len(block_influence)), block_influence, color="tab:blue")
+    axis.set_xlabel("block")
+    axis.set_ylabel("Block Influence")
+    axis.set_title(f"Block Influence {title}".strip())
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
