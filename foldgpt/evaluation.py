@@ -37,11 +37,13 @@ class PerplexityResult:
 
 
 @torch.no_grad()
-def windows_perplexity(model: PreTrainedModel, windows: torch.Tensor, batch_size: int = 1, desc: str = "ppl") -> float:
+def windows_perplexity(
+    model: PreTrainedModel, windows: torch.Tensor, batch_size: int = 1, desc: str = "ppl", progress: bool = True
+) -> float:
     """exp(mean NLL) of ``model`` over ``windows`` (shape ``[n, seqlen]``)."""
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
-    for start in tqdm(range(0, len(windows), batch_size), desc=desc, leave=False, disable=len(windows) < 2):
+    for start in tqdm(range(0, len(windows), batch_size), desc=desc, leave=False, disable=not progress or len(windows) < 2):
         batch = windows[start : start + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
         targets = batch[:, 1:]

@@ -25,7 +25,7 @@ def select_by_sleb(model: PreTrainedModel, windows: torch.Tensor, n_remove: int,
             scores: dict[int, float] = {}
             for candidate in (i for i in range(num_blocks) if i not in removed):
                 with blocks_removed_temporarily(model, removed + [candidate]):
-                    scores[candidate] = windows_perplexity(model, windows, desc=f"sleb -{candidate}")
+                    scores[candidate] = windows_perplexity(model, windows, progress=False)
                 progress.update(1)
             best = min(scores, key=scores.__getitem__)
             removed.append(best)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
@@ -95,7 +96,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32", device: str = 
             tokenizer = AutoTokenizer.from_pretrained(path)
     except FoldGPTError:
         raise
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
         raise FoldGPTError(f"cannot load the model in '{path}': {_first_line(error)}; check that its weight files are complete") from error
     model = model.to(device=device, dtype=DTYPES[dtype]).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=str(path))

@@ -1,0 +1,154 @@
+"""The command line: the happy path on a tiny model folder, and one-line errors for bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+from foldgpt.cli import build_parser, main
+from tiny import DEPTH, random_ids, save_tiny
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("models") / "tiny-gemma3", family="gemma3")
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text("The quick brown fox jumps over the lazy dog. " * 60)
+    return path
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code, err, *phrases):
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line.startswith("foldgpt:")]
+    assert len(lines) == 1 and lines[0].startswith("foldgpt: error: "), err
+    assert "Traceback" not in err
+    for phrase in phrases:
+        assert phrase in lines[0]
+
+
+def test_prune_writes_a_vanilla_folder_with_metadata(capsys, tiny_folder, text_file, tmp_path):
+    out = tmp_path / "pruned"
+    code, stdout, _ = run_cli(capsys, "prune", tiny_folder, "--method", "bi", "--remove", 2, "--calibration", text_file,
+                              "--nsamples", 2, "--seqlen", 32, "--out", out)
+    assert code == 0 and "removed blocks" in stdout
+    metadata = json.loads((out / "foldgpt.json").read_text())
+    assert metadata["method"] == "bi" and len(metadata["removed"]) == 2
+    assert metadata["num_blocks_after"] == DEPTH - 2
+    assert len(metadata["scores"]) == DEPTH
+    assert metadata["parameters_after"] < metadata["parameters_before"]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == DEPTH - 2 and len(model.config.layer_types) == DEPTH - 2
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_pruning_a_pruned_folder_records_original_block_numbers(capsys, tiny_folder, text_file, tmp_path):
+    common = ["--calibration", text_file, "--nsamples", 2, "--seqlen", 32]
+    run_cli(capsys, "prune", tiny_folder, "--method", "random", "--remove", 2, *common, "--out", tmp_path / "a")
+    code, _, _ = run_cli(capsys, "prune", tmp_path / "a", "--method", "last", "--remove", 1, *common, "--out", tmp_path / "b")
+    assert code == 0
+    first = json.loads((tmp_path / "a" / "foldgpt.json").read_text())
+    second = json.loads((tmp_path / "b" / "foldgpt.json").read_text())
+    assert first["removed"] == first["removed_original"] == [2, 4]  # random, seed 0
+    assert second["removed"] == [2] and second["removed_original"] == [3]  # kept were 0, 1, 3, 5
+
+
+def test_analyze_writes_json_and_figures(capsys, tiny_folder, text_file, tmp_path):
+    out = tmp_path / "analysis"
+    code, _, _ = run_cli(capsys, "analyze", tiny_folder, "--calibration", text_file, "--nsamples", 2, "--seqlen", 32, "--out", out)
+    assert code == 0
+    analysis = json.loads((out / "analysis.json").read_text())
+    assert len(analysis["block_influence"]) == DEPTH
+    assert len(analysis["similarity"]) == DEPTH and analysis["similarity"][0][0] == pytest.approx(1.0)
+    for png in ("similarity_heatmap.png", "block_influence.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_on_a_text_file_writes_json(capsys, tiny_folder, text_file, tmp_path):
+    out = tmp_path / "ppl.json"
+    code, stdout, _ = run_cli(capsys, "eval", tiny_folder, "--ppl", text_file, "--seqlen", 64, "--out", out)
+    assert code == 0
+    result = json.loads(out.read_text())["perplexity"][str(text_file)]
+    assert result["tokens"] == 64 * (2700 // 64) and result["perplexity"] > 1.0
+    assert f"{result['perplexity']:.3f}" in stdout
+
+
+def test_existing_output_is_refused_without_overwrite(capsys, tiny_folder, text_file, tmp_path):
+    out = tmp_path / "exists"
+    out.mkdir()
+    code, _, err = run_cli(capsys, "prune", tiny_folder, "--method", "last", "--remove", 1, "--out", out)
+    assert_one_line_error(code, err, "already exists", "--overwrite")
+
+
+@pytest.mark.parametrize(
+    ("args", "phrases"),
+    [
+        (["--remove", "6"], ["out of range", "between 1 and 5"]),
+        (["--remove", "0"], ["out of range"]),
+        (["--remove-ratio", "1.5"], ["out of range"]),
+    ],
+)
+def test_out_of_range_targets_fail_with_one_line_and_no_output(capsys, tiny_folder, text_file, tmp_path, args, phrases):
+    out = tmp_path / "never"
+    code, _, err = run_cli(capsys, "prune", tiny_folder, "--method", "bi", *args, "--calibration", text_file, "--out", out)
+    assert_one_line_error(code, err, *phrases)
+    assert not out.exists() and list(tmp_path.iterdir()) == [text_file]
+
+
+def test_missing_model_path(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "prune", tmp_path / "nope", "--method", "bi", "--remove", 1, "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "does not exist")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unsupported_architecture_lists_the_supported_ones(capsys, tmp_path):
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
+    code, _, err = run_cli(capsys, "analyze", tmp_path / "gpt2", "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "'gpt2' is not supported", "llama", "gemma3_text")
+    assert not (tmp_path / "o").exists()
+
+
+def test_folder_without_config(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(capsys, "eval", tmp_path / "empty")
+    assert_one_line_error(code, err, "no config.json")
+
+
+def test_corrupt_weights_are_a_clear_error(capsys, tiny_folder, tmp_path):
+    broken = save_tiny(tmp_path / "broken")
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    code, _, err = run_cli(capsys, "eval", broken, "--ppl", "wikitext2", "--max-tokens", 64, "--seqlen", 32)
+    assert_one_line_error(code, err, "cannot load the model")
+
+
+def test_unknown_method_exits_non_zero_without_traceback(tiny_folder, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "foldgpt.cli", "prune", str(tiny_folder), "--method", "magic",
+                             "--remove", "1", "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "invalid choice: 'magic'" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_help_explains_every_command():
+    parser = build_parser()
+    help_text = parser.format_help()
+    for command in ("analyze", "prune", "eval", "compress"):
+        assert command in help_text
+    subparsers = parser._subparsers._group_actions[0].choices
+    prune_help = subparsers["prune"].format_help()
+    for option in ("--method", "--remove", "--remove-ratio", "--calibration", "--nsamples", "--seqlen", "--seed", "--out", "--overwrite"):
+        assert option in prune_help
+    for action in subparsers["prune"]._actions:
+        assert action.help, f"option {action.option_strings} has no help"
