@@ -2,10 +2,14 @@
 
     python benchmarks/removal_methods.py --remove 6 --max-tokens 16384 --out benchmarks/results/removal_methods.json
 
-Each method scores blocks on the same calibration windows (wikitext2 validation, 16 x 256 tokens by default), its
+Each method scores blocks on the same calibration windows (wikitext2 validation, 8 x 256 tokens by default), its
 selected blocks are removed from a fresh copy of the dense model, and WikiText-2 / PTB test perplexity is measured on
 the first ``--max-tokens`` tokens in windows of ``--seqlen`` (the full test splits when ``--max-tokens 0``, as a GPU
 user should run). Prints a table and writes JSON (and a PNG of perplexity against blocks removed).
+
+Rows already in ``--out`` with the same settings are reused, so methods and targets can be added in later runs.
+SLEB is greedy, so its selection for fewer blocks is the prefix of its removal order: it is searched once, for the
+largest target.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ppl", default="wikitext2,ptb")
     parser.add_argument("--seqlen", type=int, default=1024, help="evaluation window")
     parser.add_argument("--max-tokens", type=int, default=16384, help="evaluation tokens per set; 0 = whole test split")
-    parser.add_argument("--nsamples", type=int, default=16)
+    parser.add_argument("--nsamples", type=int, default=8)
     parser.add_argument("--calib-seqlen", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/removal_methods.json")
@@ -50,28 +54,57 @@ def main() -> None:
     def evaluate(model) -> dict[str, float]:
         return {name: perplexity(model, dense.tokenizer, name, args.seqlen, max_tokens).perplexity for name in datasets}
 
-    rows = [{"method": "dense", "removed_count": 0, "removed": [], "parameters": count_parameters(dense.model),
-             "perplexity": evaluate(dense.model), "selection_seconds": 0.0}]
-    print(json.dumps(rows[-1]), file=sys.stderr)
-    for n_remove in [int(n) for n in args.remove.split(",")]:
-        for method in args.methods.split(","):
-            selection = select_blocks(method, dense.model, windows, n_remove, args.seed)
-            model = remove_blocks(copy.deepcopy(dense.model), selection.removed)
-            start = time.perf_counter()
-            rows.append({"method": method, "removed_count": n_remove, "removed": selection.removed,
-                         "parameters": count_parameters(model), "perplexity": evaluate(model),
-                         "selection_seconds": selection.seconds, "eval_seconds": time.perf_counter() - start})
-            print(json.dumps(rows[-1]), file=sys.stderr)
-    result = {"model": dense.source, "calibration": vars(calibration), "eval_seqlen": args.seqlen,
-              "eval_max_tokens": max_tokens, "rows": rows}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    settings = {"model": dense.source, "calibration": vars(calibration), "eval_seqlen": args.seqlen,
+                "eval_max_tokens": max_tokens, "datasets": datasets}
+    rows = previous_rows(out, settings)
+
+    def save() -> None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({**settings, "rows": rows}, indent=2) + "\n")
+
+    if not any(r["method"] == "dense" for r in rows):
+        rows.insert(0, {"method": "dense", "removed_count": 0, "removed": [], "parameters": count_parameters(dense.model),
+                        "perplexity": evaluate(dense.model), "selection_seconds": 0.0})
+        save()
+    targets = sorted(int(n) for n in args.remove.split(","))
+    for method in args.methods.split(","):
+        greedy_order: list[int] | None = None
+        for n_remove in targets:
+            if any(r["method"] == method and r["removed_count"] == n_remove for r in rows):
+                continue
+            if method == "sleb":
+                if greedy_order is None:
+                    search = select_blocks(method, dense.model, windows, targets[-1], args.seed)
+                    greedy_order, search_seconds = search.details["order"], search.seconds
+                removed, seconds = sorted(greedy_order[:n_remove]), search_seconds
+            else:
+                selection = select_blocks(method, dense.model, windows, n_remove, args.seed)
+                removed, seconds = selection.removed, selection.seconds
+            model = remove_blocks(copy.deepcopy(dense.model), removed)
+            start = time.perf_counter()
+            rows.append({"method": method, "removed_count": n_remove, "removed": removed,
+                         "parameters": count_parameters(model), "perplexity": evaluate(model),
+                         "selection_seconds": seconds, "eval_seconds": time.perf_counter() - start})
+            print(json.dumps(rows[-1]), file=sys.stderr)
+            save()
     print_table(rows, datasets)
     plot(rows, datasets, out.with_suffix(".png"))
 
 
+def previous_rows(out: Path, settings: dict) -> list[dict]:
+    """Rows of an earlier run with identical settings (else none)."""
+    if not out.is_file():
+        return []
+    previous = json.loads(out.read_text())
+    if {key: previous.get(key) for key in settings} != settings:
+        print(f"{out} was measured with other settings; starting afresh", file=sys.stderr)
+        return []
+    return previous["rows"]
+
+
 def print_table(rows: list[dict], datasets: list[str]) -> None:
+    rows = sorted(rows, key=lambda r: (r["removed_count"], r["method"]))
     print(f"| method | removed | params | {' | '.join(d + ' ppl' for d in datasets)} | scoring s |")
     print("|---|---|---|" + "---|" * len(datasets) + "---|")
     for row in rows:

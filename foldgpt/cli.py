@@ -7,6 +7,7 @@ traceback instead.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -88,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Make a decoder-only LLM shallower: measure block redundancy, remove blocks, score perplexity.",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--data-dir", metavar="DIR", help="folder of the named data sets (default: $FOLDGPT_DATA, else "
+                        "../shared/data beside the repo or the working directory)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     analyze = commands.add_parser("analyze", help="redundancy analysis: Block Influence, similarity heatmap, angular distance",
@@ -196,6 +199,8 @@ def run_compress(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
+    if args.data_dir:
+        os.environ["FOLDGPT_DATA"] = args.data_dir
     handler: Callable[[argparse.Namespace], None] = args.handler
     try:
         handler(args)

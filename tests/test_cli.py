@@ -152,3 +152,10 @@ def test_help_explains_every_command():
         assert option in prune_help
     for action in subparsers["prune"]._actions:
         assert action.help, f"option {action.option_strings} has no help"
+
+
+def test_data_dir_option_points_named_sets_elsewhere(capsys, tiny_folder, tmp_path, monkeypatch):
+    monkeypatch.delenv("FOLDGPT_DATA", raising=False)
+    code, _, err = run_cli(capsys, "--data-dir", tmp_path / "nowhere", "eval", tiny_folder, "--ppl", "wikitext2")
+    monkeypatch.delenv("FOLDGPT_DATA", raising=False)
+    assert_one_line_error(code, err, "nowhere", "FOLDGPT_DATA")

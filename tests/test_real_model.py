@@ -50,3 +50,14 @@ def test_pruned_smollm2_saves_and_reloads_to_identical_logits(tmp_path):
     ids = loaded.tokenizer("Depth pruning removes whole transformer blocks.", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, loaded.model(ids).logits)
+
+
+def test_a_gguf_file_loads_directly_to_the_same_model_as_the_cached_alias(smollm2):
+    from foldgpt.models.loading import smollm2_gguf_path
+
+    direct = foldgpt.load_model(str(smollm2_gguf_path()))
+    assert getattr(direct.model.config, "quantization_config", None) is None
+    ids = smollm2.tokenizer("Weights are dequantized to float32.", return_tensors="pt").input_ids
+    assert direct.tokenizer("Weights are dequantized to float32.", return_tensors="pt").input_ids.tolist() == ids.tolist()
+    with torch.no_grad():
+        assert torch.equal(direct.model(ids).logits, smollm2.model(ids).logits)
