@@ -15,7 +15,7 @@ from pathlib import Path
 
 from foldgpt.errors import FoldGPTError
 
-METHOD_NAMES = ("bi", "angular", "sleb", "last", "random")
+METHOD_NAMES = ("gates", "bi", "angular", "sleb", "last", "random")
 DEFAULT_MODEL = "smollm2-135m"
 
 
@@ -71,6 +71,33 @@ def _add_targets(parser: argparse.ArgumentParser, default_remove: int | None = N
     group.add_argument("--remove-ratio", type=float, metavar="R", help="fraction of blocks to remove, 0 < R < 1 (rounded)")
 
 
+def _add_gate_options(parser: argparse.ArgumentParser) -> None:
+    from foldgpt.importance.gates import GateConfig  # noqa: PLC0415
+
+    defaults = GateConfig()
+    group = parser.add_argument_group("gate training (--method gates)")
+    group.add_argument("--gate-steps", type=positive_int, default=defaults.steps, help=f"optimiser steps (default: {defaults.steps})")
+    group.add_argument("--gate-lr", type=float, default=defaults.lr, help=f"Adam learning rate of the gates (default: {defaults.lr})")
+    group.add_argument("--gate-lambda", type=float, default=defaults.lam,
+                       help=f"weight of the FLOPs-weighted polarization regulariser (default: {defaults.lam})")
+    group.add_argument("--gate-t", type=float, default=defaults.t, help=f"the regulariser's pull towards 0, t (default: {defaults.t})")
+    group.add_argument("--gate-loss", choices=("kl", "lm"), default=defaults.loss,
+                       help="kl: KL(dense model || gated model) on logits; lm: next-token loss (default: kl)")
+    group.add_argument("--gate-micro-batch", type=positive_int, default=defaults.micro_batch,
+                       help=f"calibration windows per forward pass (default: {defaults.micro_batch})")
+    group.add_argument("--gate-grad-accum", type=positive_int, default=defaults.grad_accum,
+                       help=f"micro-batches per optimiser step (default: {defaults.grad_accum})")
+    group.add_argument("--gradient-checkpointing", action="store_true", help="recompute block activations in backward to save memory")
+
+
+def _gate_config(args: argparse.Namespace):
+    from foldgpt.importance.gates import GateConfig  # noqa: PLC0415
+
+    return GateConfig(steps=args.gate_steps, lr=args.gate_lr, lam=args.gate_lambda, t=args.gate_t, loss=args.gate_loss,
+                      micro_batch=args.gate_micro_batch, grad_accum=args.gate_grad_accum,
+                      gradient_checkpointing=args.gradient_checkpointing)
+
+
 def _add_ppl(parser: argparse.ArgumentParser, seqlen: int, max_tokens: int | None) -> None:
     group = parser.add_argument_group("perplexity")
     group.add_argument("--ppl", type=dataset_list, default=["wikitext2", "ptb"], metavar="SETS",
@@ -108,10 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 "method, scores and removed block indices (original numbering).")
     _add_model(prune)
     prune.add_argument("--method", required=True, choices=METHOD_NAMES,
-                       help="bi: ShortGPT Block Influence; angular: best contiguous span (Gromov et al.); sleb: greedy by "
-                       "calibration perplexity (SLEB); last: the last N before the final block; random: seeded control")
+                       help="gates: FoldGPT learned gates (see the gate options); bi: ShortGPT Block Influence; angular: best "
+                       "contiguous span (Gromov et al.); sleb: greedy by calibration perplexity (SLEB); last: the last N "
+                       "before the final block; random: seeded control")
     _add_targets(prune)
     _add_calibration(prune)
+    _add_gate_options(prune)
     _add_output(prune, "the pruned model")
     prune.set_defaults(handler=run_prune)
 
@@ -169,7 +198,9 @@ def run_prune(args: argparse.Namespace) -> None:
     from foldgpt.pruning import prune  # noqa: PLC0415
 
     check_output_free(Path(args.out), args.overwrite)
-    result = prune(_load(args), args.method, args.remove, args.remove_ratio, _calibration(args), out=args.out, overwrite=args.overwrite)
+    gate_config = _gate_config(args)
+    result = prune(_load(args), args.method, args.remove, args.remove_ratio, _calibration(args), out=args.out,
+                   overwrite=args.overwrite, gate_config=gate_config)
     meta = result.metadata
     print(f"{args.method}: removed blocks {meta['removed']} of {meta['num_blocks_before']} in {meta['selection_seconds']:.1f}s")
     print(f"parameters {meta['parameters_before']:,} -> {meta['parameters_after']:,}; wrote {args.out}")

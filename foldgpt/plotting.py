@@ -1,4 +1,4 @@
-"""PNG figures: the similarity heatmap and the Block Influence bar chart (headless, Agg backend)."""
+"""PNG figures: the similarity heatmap, the Block Influence bar chart and gate trajectories (headless, Agg backend)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,26 @@ def plot_block_influence(block_influence: Sequence[float], path: Path, title: st
     axis.set_xlabel("block")
     axis.set_ylabel("Block Influence")
     axis.set_title(f"Block Influence {title}".strip())
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_gate_history(history: Sequence[Sequence[float]], path: Path, title: str = "") -> None:
+    """Each block's gate value after every training step: closing gates mark the blocks to remove."""
+    figure, axis = plt.subplots(figsize=(7.0, 4.5))
+    steps = range(1, len(history) + 1)
+    num_blocks = len(history[0]) if history else 0
+    colors = plt.get_cmap("viridis")
+    for block in range(num_blocks):
+        axis.plot(steps, [gates[block] for gates in history], color=colors(block / max(1, num_blocks - 1)),
+                  linewidth=1.0, label=str(block))
+    axis.set_xlabel("step")
+    axis.set_ylabel("gate value")
+    axis.set_title(f"Block gates during training {title}".strip())
+    if 0 < num_blocks <= 40:
+        axis.legend(title="block", fontsize="x-small", ncol=max(1, num_blocks // 12), loc="center left",
+                    bbox_to_anchor=(1.0, 0.5))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -11,6 +11,9 @@ from foldgpt.errors import FoldGPTError
 from foldgpt.artifacts import atomic_output_dir, read_metadata, save_plain_model
 from foldgpt.data import CalibrationConfig, load_windows
 from foldgpt.importance import METHODS, Selection, select_blocks
+from foldgpt.importance.base import select_blocks_with
+from foldgpt.importance.gates import GateConfig, select_by_gates_with
+from foldgpt.plotting import plot_gate_history
 from foldgpt.models import adapter_for
 from foldgpt.models.loading import LoadedModel
 from foldgpt.removal import blocks_to_remove_count, count_parameters, remove_blocks
@@ -33,8 +36,12 @@ def prune(
     calibration: CalibrationConfig | None = None,
     out: str | Path | None = None,
     overwrite: bool = False,
+    gate_config: GateConfig | None = None,
 ) -> PruneResult:
-    """Remove blocks from ``loaded.model`` in place with ``method``; save a plain HF folder to ``out`` if given."""
+    """Remove blocks from ``loaded.model`` in place with ``method``; save a plain HF folder to ``out`` if given.
+
+    ``gate_config`` sets the hyper-parameters of ``method="gates"`` (defaults: ``GateConfig()``).
+    """
     if method not in METHODS:
         raise FoldGPTError(f"unknown method '{method}'; choose one of {', '.join(sorted(METHODS))}")
     calibration = calibration or CalibrationConfig()
@@ -44,7 +51,10 @@ def prune(
     parameters_before = count_parameters(model)
     start = time.perf_counter()
     windows = load_windows(loaded.tokenizer, calibration.data, calibration.nsamples, calibration.seqlen, calibration.seed)
-    selection = select_blocks(method, model, windows, n_remove, calibration.seed)
+    if method == "gates" and gate_config is not None:
+        selection = select_blocks_with(select_by_gates_with(gate_config), "gates", model, windows, n_remove, calibration.seed)
+    else:
+        selection = select_blocks(method, model, windows, n_remove, calibration.seed)
     remove_blocks(model, selection.removed)
     metadata = {
         "foldgpt_version": __version__,
@@ -66,6 +76,8 @@ def prune(
     if out is not None:
         with atomic_output_dir(Path(out), overwrite) as folder:
             save_plain_model(model, loaded.tokenizer, folder, metadata)
+            if "gate_history" in selection.details:
+                plot_gate_history(selection.details["gate_history"], folder / "gates.png", title=Path(loaded.source).name)
     return PruneResult(selection=selection, loaded=loaded, metadata=metadata)
 
 

@@ -4,7 +4,7 @@ One module per method (``bi``, ``angular``, ``sleb``, ``baselines`` for ``last``
 the signature ``method(model, calibration_windows, n_remove, seed) -> Selection`` and registers itself by name.
 """
 
-from foldgpt.importance import angular, baselines, bi, sleb  # noqa: F401 - importing registers the methods
+from foldgpt.importance import angular, baselines, bi, gates, sleb  # noqa: F401 - importing registers the methods
 from foldgpt.importance.base import METHODS, Selection, select_blocks
 
 __all__ = ["METHODS", "Selection", "select_blocks"]

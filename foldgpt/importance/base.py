@@ -43,7 +43,15 @@ def select_blocks(method: str, model: PreTrainedModel, windows: torch.Tensor, n_
     """Run one registered method, timing it."""
     if method not in METHODS:
         raise FoldGPTError(f"unknown method '{method}'; choose one of {', '.join(sorted(METHODS))}")
+    return select_blocks_with(METHODS[method], method, model, windows, n_remove, seed)
+
+
+def select_blocks_with(
+    function: SelectionMethod, name: str, model: PreTrainedModel, windows: torch.Tensor, n_remove: int, seed: int
+) -> Selection:
+    """Run a selection function (registered or configured), timing it."""
     start = time.perf_counter()
-    selection = METHODS[method](model, windows, n_remove, seed)
+    selection = function(model, windows, n_remove, seed)
+    selection.method = name
     selection.seconds = time.perf_counter() - start
     return selection

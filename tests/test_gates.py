@@ -1,0 +1,179 @@
+"""Gated block removal: gates close on blocks that do nothing, the regulariser is the published formula, and
+training leaves the model exactly as it found it."""
+
+import copy
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import LlamaMLP
+
+from foldgpt.cli import METHOD_NAMES
+from foldgpt.errors import FoldGPTError
+from foldgpt.importance import METHODS
+from foldgpt.importance.gates import (
+    GateConfig,
+    block_flops_weights,
+    gated,
+    polarization_regularizer,
+    select_by_gates,
+    select_by_gates_with,
+    train_gates,
+)
+from foldgpt.plotting import plot_gate_history
+from foldgpt.removal import remove_blocks
+from tiny import DEPTH, random_ids, tiny_model
+
+FAST = GateConfig(steps=30, lr=0.1, lam=0.2)  # on the tiny model the identity gates are 0 by step 10
+
+
+def identity_block_model(identity_blocks):
+    """A tiny Llama whose given blocks add nothing to the residual stream (zeroed output projections)."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        for index in identity_blocks:
+            model.model.layers[index].self_attn.o_proj.weight.zero_()
+            model.model.layers[index].mlp.down_proj.weight.zero_()
+    return model
+
+
+def logits_of(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def test_gates_close_on_identity_blocks_and_those_blocks_are_removed():
+    # an identity block's gate gets no gradient from the KL (scaling a zero update changes nothing), so only the
+    # regulariser moves it: it must go to 0 while the gates of working blocks stay open
+    model = identity_block_model([2, 4])
+    selection = select_by_gates_with(FAST)(model, random_ids(batch=8, length=16), 2, 0)
+    gates = selection.details["final_gates"]
+    assert gates[2] < 0.2 and gates[4] < 0.2
+    assert min(gates[i] for i in (0, 1, 3, 5)) > 0.5
+    assert selection.removed == [2, 4]
+    assert selection.scores == gates
+    assert len(selection.details["gate_history"]) == FAST.steps == len(selection.details["loss_history"])
+    assert selection.details["hyperparameters"]["lam"] == FAST.lam
+    assert METHODS["gates"] is select_by_gates and "gates" in METHOD_NAMES
+
+
+def test_polarization_regularizer_value_and_gradient_match_hand_computation():
+    g, w, t = [1.0, 0.2, 0.7], [0.5, 0.3, 0.2], 1.2
+    mean = sum(g) / 3
+    expected = sum(wl * (t * abs(gl) - abs(gl - mean)) for gl, wl in zip(g, w))
+    sign = [1.0 if gl > mean else -1.0 for gl in g]
+    # d/dg_k: w_k t sign(g_k) - w_k sign(g_k - m) + (1/L) sum_l w_l sign(g_l - m), since dm/dg_k = 1/L
+    coupling = sum(wl * sl for wl, sl in zip(w, sign)) / 3
+    expected_grad = [wk * t * 1.0 - wk * sk + coupling for wk, sk in zip(w, sign)]
+
+    gates = torch.tensor(g, dtype=torch.float64, requires_grad=True)
+    value = polarization_regularizer(gates, torch.tensor(w, dtype=torch.float64), t)
+    value.backward()
+    assert value.item() == pytest.approx(expected, abs=1e-12)
+    assert gates.grad.tolist() == pytest.approx(expected_grad, abs=1e-12)
+
+
+def test_flops_weights_are_shares_of_linear_weights():
+    model = tiny_model("llama")
+    config = model.config
+    bigger = config.__class__(**{**config.to_dict(), "intermediate_size": 2 * config.intermediate_size})
+    model.model.layers[1].mlp = LlamaMLP(bigger)
+    hidden, inter, heads, kv, head_dim = 32, 64, 4, 2, 8
+    attention = hidden * heads * head_dim * 2 + hidden * kv * head_dim * 2  # q, o and k, v
+    counts = [attention + 3 * hidden * inter] * DEPTH
+    counts[1] = attention + 3 * hidden * 2 * inter
+    weights = block_flops_weights(model)
+    assert weights.sum().item() == pytest.approx(1.0, abs=1e-6)
+    assert weights.tolist() == pytest.approx([c / sum(counts) for c in counts], abs=1e-7)
+    assert weights[1] > weights[0]
+
+
+def test_training_is_seeded_and_leaves_the_model_as_it_was():
+    model = identity_block_model([2, 4])
+    model.model.embed_tokens.weight.requires_grad_(False)  # a mixed set of flags must come back as it was
+    model.train()
+    flags = [p.requires_grad for p in model.parameters()]
+    ids = random_ids(batch=8, length=16)
+    before = logits_of(model, ids)
+    config = GateConfig(steps=6, lr=0.1)
+    first = select_by_gates_with(config)(model, ids, 2, 0)
+    again = select_by_gates_with(config)(model, ids, 2, 0)
+    other_seed = select_by_gates_with(config)(model, ids, 2, 1)
+    assert first.details["gate_history"] == again.details["gate_history"]
+    assert first.removed == again.removed
+    assert first.details["gate_history"] != other_seed.details["gate_history"]  # the seed orders the windows
+    assert torch.equal(logits_of(model, ids), before)
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert model.training
+    assert all(not layer._forward_hooks for layer in model.model.layers)
+
+
+def test_gated_hooks_scale_the_residual_update_and_are_removed_on_exit():
+    model = tiny_model("llama")
+    ids = random_ids(batch=2, length=8)
+    before = logits_of(model, ids)
+    with gated(model) as gates:
+        with torch.no_grad():
+            gates.values[3] = 0.0
+        closed = logits_of(model, ids)
+        with gates.bypassed():
+            assert torch.equal(logits_of(model, ids), before)
+    without_block = remove_blocks(copy.deepcopy(model), [3])  # gate 0 is exactly the model without the block
+    assert torch.allclose(closed, logits_of(without_block, ids), atol=1e-5)
+    assert torch.equal(logits_of(model, ids), before)
+
+
+def test_nan_loss_raises_naming_the_step_and_restores_the_model():
+    model = tiny_model("llama")
+    flags = [p.requires_grad for p in model.parameters()]
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(FoldGPTError, match=r"step 1/5: the kl loss is nan"):
+        train_gates(model, random_ids(batch=2, length=8), GateConfig(steps=5), seed=0)
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(not layer._forward_hooks for layer in model.model.layers)
+
+
+def test_losses_at_the_first_step():
+    # at g = 1 the gated model is the teacher (KL 0); the LM loss is the model's own next-token cross-entropy
+    model = tiny_model("llama")
+    ids = random_ids(batch=4, length=12)
+    kl = train_gates(model, ids, GateConfig(steps=1, micro_batch=4), seed=0)
+    assert kl.distill_history[0] == pytest.approx(0.0, abs=1e-6)
+    lm = train_gates(model, ids, GateConfig(steps=1, micro_batch=4, loss="lm"), seed=0)
+    with torch.no_grad():
+        expected = model(input_ids=ids, labels=ids, use_cache=False).loss.item()
+    assert lm.distill_history[0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_gradient_accumulation_and_checkpointing_do_not_change_training():
+    model = tiny_model("llama")
+    ids = random_ids(batch=8, length=12)
+    calls = []
+    mlp = model.model.layers[3].mlp
+    forward = mlp.forward
+    mlp.forward = lambda x: calls.append(1) or forward(x)  # a forward hook would not see the recomputation
+    reference = train_gates(model, ids, GateConfig(steps=3, micro_batch=2), seed=0)
+    assert len(calls) == 3 * 2  # teacher + student per step
+    accumulated = train_gates(model, ids, GateConfig(steps=3, grad_accum=2), seed=0)
+    calls.clear()
+    checkpointed = train_gates(model, ids, GateConfig(steps=3, micro_batch=2, gradient_checkpointing=True), seed=0)
+    assert len(calls) == 3 * 3  # checkpointing recomputes the student's blocks in the backward pass
+    for result in (accumulated, checkpointed):
+        for got, want in zip(result.gate_history, reference.gate_history):
+            assert got == pytest.approx(want, abs=1e-5)
+    assert not model.is_activation_checkpointing
+    assert not any(layer.training for layer in model.model.layers)
+    assert not model.model.embed_tokens._forward_hooks
+
+
+def test_gate_config_rejects_bad_values():
+    with pytest.raises(FoldGPTError, match="unknown gate loss"):
+        GateConfig(loss="mse")
+    with pytest.raises(FoldGPTError, match="steps >= 1"):
+        GateConfig(steps=0)
+
+
+def test_plot_gate_history(tmp_path):
+    path = tmp_path / "gates.png"
+    plot_gate_history([[1.0, 0.9, 0.95], [0.9, 0.4, 1.0], [0.8, 0.0, 1.0]], path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
