@@ -67,8 +67,22 @@ def _add_output(parser: argparse.ArgumentParser, what: str) -> None:
 
 def _add_targets(parser: argparse.ArgumentParser, default_remove: int | None = None) -> None:
     group = parser.add_mutually_exclusive_group(required=default_remove is None)
-    group.add_argument("--remove", type=int, default=default_remove, metavar="N", help="number of blocks to remove (1 .. blocks-1)")
+    default = f" (default: {default_remove})" if default_remove else ""
+    group.add_argument("--remove", type=int, metavar="N", help=f"number of blocks to remove (1 .. blocks-1){default}")
     group.add_argument("--remove-ratio", type=float, metavar="R", help="fraction of blocks to remove, 0 < R < 1 (rounded)")
+    group.add_argument("--target-params", type=float, metavar="F",
+                       help="keep at most a fraction F of the model's parameters (embeddings included), e.g. 0.75")
+    group.add_argument("--target-flops", type=float, metavar="F",
+                       help="keep at most a fraction F of the forward FLOPs per token (at context 2048), e.g. 0.75")
+    parser.set_defaults(default_remove=default_remove)
+
+
+def _targets(args: argparse.Namespace) -> dict:
+    """The one target the user gave (or the command's default ``--remove``), as keyword arguments."""
+    given = {name: getattr(args, name) for name in ("remove", "remove_ratio", "target_params", "target_flops")}
+    if all(value is None for value in given.values()):
+        given["remove"] = args.default_remove
+    return given
 
 
 def _add_gate_options(parser: argparse.ArgumentParser) -> None:
@@ -158,7 +172,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(compress)
     compress.add_argument("--method", default="bi", choices=METHOD_NAMES, help="block-selection method (default: bi)")
     _add_targets(compress, default_remove=6)
-    compress.set_defaults(remove_ratio=None)
     _add_calibration(compress)
     _add_ppl(compress, seqlen=1024, max_tokens=16384)
     _add_output(compress, "all stages' results")
@@ -199,11 +212,13 @@ def run_prune(args: argparse.Namespace) -> None:
 
     check_output_free(Path(args.out), args.overwrite)
     gate_config = _gate_config(args)
-    result = prune(_load(args), args.method, args.remove, args.remove_ratio, _calibration(args), out=args.out,
-                   overwrite=args.overwrite, gate_config=gate_config)
+    result = prune(_load(args), args.method, calibration=_calibration(args), out=args.out, overwrite=args.overwrite,
+                   gate_config=gate_config, **_targets(args))
     meta = result.metadata
     print(f"{args.method}: removed blocks {meta['removed']} of {meta['num_blocks_before']} in {meta['selection_seconds']:.1f}s")
-    print(f"parameters {meta['parameters_before']:,} -> {meta['parameters_after']:,}; wrote {args.out}")
+    print(f"parameters {meta['parameters_before']:,} -> {meta['parameters_after']:,} "
+          f"({meta['parameters_after'] / meta['parameters_before']:.1%}); FLOPs/token {meta['flops_per_token_after'] / meta['flops_per_token_before']:.1%} "
+          f"of dense; wrote {args.out}")
 
 
 def run_eval(args: argparse.Namespace) -> None:
@@ -224,7 +239,8 @@ def run_compress(args: argparse.Namespace) -> None:
     evaluation = EvalConfig(datasets=args.ppl, seqlen=args.eval_seqlen, max_tokens=args.max_tokens, batch_size=args.batch_size)
     if args.dtype != "float32" or args.device != "cpu":
         raise FoldGPTError("compress runs in float32 on the CPU for now; drop --dtype/--device")
-    compress(args.model, args.out, args.method, args.remove, args.remove_ratio, _calibration(args), evaluation, args.overwrite)
+    compress(args.model, args.out, args.method, calibration=_calibration(args), evaluation=evaluation, overwrite=args.overwrite,
+             **_targets(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -32,13 +32,20 @@ def compress(
     model: str,
     out: str | Path,
     method: str = "bi",
-    remove: int | None = 6,
+    remove: int | None = None,
     remove_ratio: float | None = None,
     calibration: CalibrationConfig | None = None,
     evaluation: EvalConfig | None = None,
     overwrite: bool = False,
+    target_params: float | None = None,
+    target_flops: float | None = None,
 ) -> dict:
-    """Run every stage; write ``out/analysis``, ``out/pruned`` and ``out/summary.json``; return the summary."""
+    """Run every stage; write ``out/analysis``, ``out/pruned`` and ``out/summary.json``; return the summary.
+
+    Targets as in ``foldgpt.prune``; with none given, 6 blocks are removed.
+    """
+    if remove is None and remove_ratio is None and target_params is None and target_flops is None:
+        remove = 6
     calibration = calibration or CalibrationConfig()
     evaluation = evaluation or EvalConfig()
     check_output_free(Path(out), overwrite)
@@ -62,7 +69,7 @@ def compress(
     stats = analyze(loaded, calibration)
     timings["analysis"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    result = prune(loaded, method, remove, remove_ratio, calibration)
+    result = prune(loaded, method, remove, remove_ratio, calibration, target_params=target_params, target_flops=target_flops)
     timings["prune"] = time.perf_counter() - clock
     pruned_ppl = score("pruned")
     summary = {

@@ -16,7 +16,8 @@ from foldgpt.importance.gates import GateConfig, select_by_gates_with
 from foldgpt.plotting import plot_gate_history
 from foldgpt.models import adapter_for
 from foldgpt.models.loading import LoadedModel
-from foldgpt.removal import blocks_to_remove_count, count_parameters, remove_blocks
+from foldgpt.budget import RemovalTarget, blocks_to_remove, model_flops_per_token
+from foldgpt.removal import count_parameters, remove_blocks
 
 
 @dataclass
@@ -37,18 +38,24 @@ def prune(
     out: str | Path | None = None,
     overwrite: bool = False,
     gate_config: GateConfig | None = None,
+    target_params: float | None = None,
+    target_flops: float | None = None,
 ) -> PruneResult:
     """Remove blocks from ``loaded.model`` in place with ``method``; save a plain HF folder to ``out`` if given.
 
-    ``gate_config`` sets the hyper-parameters of ``method="gates"`` (defaults: ``GateConfig()``).
+    Give one target: ``remove`` blocks, ``remove_ratio`` of them, or keep ``target_params`` / ``target_flops`` of the
+    model's parameters / FLOPs per token (see ``foldgpt.budget``). ``gate_config`` sets the hyper-parameters of
+    ``method="gates"`` (defaults: ``GateConfig()``).
     """
     if method not in METHODS:
         raise FoldGPTError(f"unknown method '{method}'; choose one of {', '.join(sorted(METHODS))}")
     calibration = calibration or CalibrationConfig()
     model = loaded.model
     num_blocks = len(adapter_for(model).layers(model))
-    n_remove = blocks_to_remove_count(num_blocks, remove, remove_ratio)
+    target = RemovalTarget(remove=remove, remove_ratio=remove_ratio, target_params=target_params, target_flops=target_flops)
+    n_remove = blocks_to_remove(model, target)
     parameters_before = count_parameters(model)
+    flops_before = model_flops_per_token(model, target.flops_context)
     start = time.perf_counter()
     windows = load_windows(loaded.tokenizer, calibration.data, calibration.nsamples, calibration.seqlen, calibration.seed)
     if method == "gates" and gate_config is not None:
@@ -70,6 +77,10 @@ def prune(
         "calibration": vars(calibration),
         "parameters_before": parameters_before,
         "parameters_after": count_parameters(model),
+        "target": {name: getattr(target, name) for name in target.given()},
+        "flops_per_token_before": flops_before,
+        "flops_per_token_after": model_flops_per_token(model, target.flops_context),
+        "flops_context": target.flops_context,
         "selection_seconds": selection.seconds,
         "total_seconds": time.perf_counter() - start,
     }

@@ -159,3 +159,13 @@ def test_data_dir_option_points_named_sets_elsewhere(capsys, tiny_folder, tmp_pa
     code, _, err = run_cli(capsys, "--data-dir", tmp_path / "nowhere", "eval", tiny_folder, "--ppl", "wikitext2")
     monkeypatch.delenv("FOLDGPT_DATA", raising=False)
     assert_one_line_error(code, err, "nowhere", "FOLDGPT_DATA")
+
+
+def test_prune_accepts_a_flops_target(capsys, tiny_folder, text_file, tmp_path):
+    out = tmp_path / "flops"
+    code, stdout, _ = run_cli(capsys, "prune", tiny_folder, "--method", "last", "--target-flops", "0.7", "--calibration",
+                              text_file, "--nsamples", 2, "--seqlen", 32, "--out", out)
+    assert code == 0 and "FLOPs/token" in stdout
+    metadata = json.loads((out / "foldgpt.json").read_text())
+    assert metadata["target"] == {"target_flops": 0.7}
+    assert metadata["flops_per_token_after"] <= 0.7 * metadata["flops_per_token_before"]

@@ -1,0 +1,84 @@
+"""Turning a removal target into a number of blocks.
+
+Targets: ``--remove N`` blocks, ``--remove-ratio R`` of the blocks, ``--target-params F`` (keep at most a fraction F
+of the whole model's parameters, embeddings included) or ``--target-flops F`` (keep at most a fraction F of the
+forward FLOPs per token). Every selection method takes every target: the target fixes how many blocks go, the
+method decides which. That is exact for the families we support, whose blocks all have the same size; a model with
+blocks of different sizes is refused for the budget targets.
+
+FLOPs per token at context length ``c`` count 2 per multiply-accumulate: ``2 * (weights of every nn.Linear, lm_head
+included)`` plus, per block, ``4 * c * (attention heads * head dim)`` for the attention scores and the weighted sum.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import nn
+from transformers import PreTrainedModel
+
+from foldgpt.errors import FoldGPTError
+from foldgpt.models import adapter_for
+from foldgpt.removal import blocks_to_remove_count, count_parameters
+
+
+@dataclass(frozen=True)
+class RemovalTarget:
+    """Exactly one of the four ways to say how much to remove."""
+
+    remove: int | None = None
+    remove_ratio: float | None = None
+    target_params: float | None = None
+    target_flops: float | None = None
+    flops_context: int = 2048
+
+    def given(self) -> list[str]:
+        return [name for name in ("remove", "remove_ratio", "target_params", "target_flops") if getattr(self, name) is not None]
+
+
+def linear_weights(module: nn.Module) -> int:
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def block_flops_per_token(model: PreTrainedModel, context: int) -> list[int]:
+    """Forward FLOPs per token of each block at context length ``context``."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    attention = 4 * context * config.num_attention_heads * head_dim
+    return [2 * linear_weights(block) + attention for block in adapter_for(model).layers(model)]
+
+
+def model_flops_per_token(model: PreTrainedModel, context: int) -> int:
+    """Forward FLOPs per token of the whole model (blocks plus the output head)."""
+    blocks = block_flops_per_token(model, context)
+    head = model.get_output_embeddings()
+    return sum(blocks) + (2 * head.weight.numel() if head is not None else 0)
+
+
+def _blocks_for_fraction(costs: list[int], total: int, fraction: float, what: str) -> int:
+    """Fewest blocks to remove so that ``total - removed cost <= fraction * total`` (blocks of equal cost)."""
+    if not 0.0 < fraction < 1.0:
+        raise FoldGPTError(f"--target-{what} {fraction} is out of range; give the fraction to keep, between 0 and 1 (e.g. 0.75)")
+    if len(set(costs)) != 1:
+        raise FoldGPTError(f"--target-{what} needs blocks of equal size and this model's differ; use --remove N instead")
+    needed = math.ceil((total - fraction * total) / costs[0] - 1e-9)
+    if needed >= len(costs):
+        smallest = (total - costs[0] * (len(costs) - 1)) / total
+        raise FoldGPTError(f"--target-{what} {fraction} cannot be met by removing blocks (at least one stays): the smallest reachable is {smallest:.3f}")
+    return max(needed, 1)
+
+
+def blocks_to_remove(model: PreTrainedModel, target: RemovalTarget) -> int:
+    """The number of blocks ``target`` asks to remove from ``model``."""
+    given = target.given()
+    if len(given) != 1:
+        raise FoldGPTError("give exactly one target: --remove N, --remove-ratio R, --target-params F or --target-flops F")
+    layers = adapter_for(model).layers(model)
+    if target.target_params is not None:
+        costs = [count_parameters(block) for block in layers]
+        return _blocks_for_fraction(costs, count_parameters(model), target.target_params, "params")
+    if target.target_flops is not None:
+        costs = block_flops_per_token(model, target.flops_context)
+        return _blocks_for_fraction(costs, model_flops_per_token(model, target.flops_context), target.target_flops, "flops")
+    return blocks_to_remove_count(len(layers), target.remove, target.remove_ratio)
