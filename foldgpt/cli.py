@@ -10,7 +10,8 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from foldgpt.errors import FoldGPTError
@@ -246,11 +247,10 @@ def run_compress(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
-    if args.data_dir:
-        os.environ["FOLDGPT_DATA"] = args.data_dir
     handler: Callable[[argparse.Namespace], None] = args.handler
     try:
-        handler(args)
+        with _data_dir_setting(args.data_dir):
+            handler(args)
     except FoldGPTError as error:
         if args.debug:
             raise
@@ -266,6 +266,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"foldgpt: internal error: {type(error).__name__}: {first} (re-run with --debug for the traceback)", file=sys.stderr)
         return 1
     return 0
+
+
+@contextmanager
+def _data_dir_setting(data_dir: str | None) -> Iterator[None]:
+    """``--data-dir`` for the duration of one command (``main`` may be called many times in one process)."""
+    previous = os.environ.get("FOLDGPT_DATA")
+    if data_dir:
+        os.environ["FOLDGPT_DATA"] = data_dir
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("FOLDGPT_DATA", None)
+        else:
+            os.environ["FOLDGPT_DATA"] = previous
 
 
 def _quiet_libraries() -> None:

@@ -154,11 +154,13 @@ def test_help_explains_every_command():
         assert action.help, f"option {action.option_strings} has no help"
 
 
-def test_data_dir_option_points_named_sets_elsewhere(capsys, tiny_folder, tmp_path, monkeypatch):
-    monkeypatch.delenv("FOLDGPT_DATA", raising=False)
+def test_data_dir_option_points_named_sets_elsewhere_for_one_command(capsys, tiny_folder, tmp_path):
+    import os
+
+    before = os.environ.get("FOLDGPT_DATA")
     code, _, err = run_cli(capsys, "--data-dir", tmp_path / "nowhere", "eval", tiny_folder, "--ppl", "wikitext2")
-    monkeypatch.delenv("FOLDGPT_DATA", raising=False)
     assert_one_line_error(code, err, "nowhere", "FOLDGPT_DATA")
+    assert os.environ.get("FOLDGPT_DATA") == before
 
 
 def test_prune_accepts_a_flops_target(capsys, tiny_folder, text_file, tmp_path):

@@ -109,9 +109,8 @@ def _load_gguf(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    with torch.device("meta"):
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(quantized.state_dict(), assign=True, strict=True)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # real buffers (rotary inv_freq), not meta
+    plain.load_state_dict(quantized.state_dict(), strict=True)
     plain.tie_weights()
     return plain, tokenizer
 
