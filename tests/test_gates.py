@@ -11,6 +11,7 @@ from foldgpt.cli import METHOD_NAMES
 from foldgpt.errors import FoldGPTError
 from foldgpt.importance import METHODS
 from foldgpt.importance.gates import (
+    next_lambda,
     GateConfig,
     block_flops_weights,
     gated,
@@ -177,3 +178,22 @@ def test_plot_gate_history(tmp_path):
     path = tmp_path / "gates.png"
     plot_gate_history([[1.0, 0.9, 0.95], [0.9, 0.4, 1.0], [0.8, 0.0, 1.0]], path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_budget_control_moves_lambda_towards_the_target():
+    config = GateConfig(lam_growth=0.5)
+    gates = torch.tensor([0.9, 0.1, 0.8, 0.95])  # one gate closed (below 0.5)
+    assert next_lambda(1.0, gates, n_remove=2, config=config) == pytest.approx(1.5)
+    assert next_lambda(1.0, gates, n_remove=1, config=config) == 1.0
+    assert next_lambda(1.5, gates, n_remove=0, config=config) == pytest.approx(1.0)
+    assert next_lambda(1.0, gates, n_remove=3, config=GateConfig()) == 1.0  # off by default
+    assert next_lambda(1.0, gates, n_remove=None, config=config) == 1.0
+
+
+def test_budget_control_closes_the_target_number_of_gates_on_a_real_block_stack():
+    model = tiny_model("llama")
+    config = GateConfig(steps=60, lr=0.1, lam=0.05, lam_growth=0.2)
+    result = train_gates(model, random_ids(batch=4, length=16), config, seed=0, n_remove=2)
+    closed_counts = [sum(g < config.closed_below for g in gates) for gates in result.gate_history]
+    assert closed_counts[0] == 0 and 2 <= closed_counts[-1] <= 3, result.gates  # the controller may overshoot by one
+    assert max(result.lambda_history) > 10 * config.lam

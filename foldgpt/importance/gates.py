@@ -40,6 +40,11 @@ class GateConfig:
     weight ``t + 1``. Each step sees ``micro_batch * grad_accum`` calibration windows. ``loss`` is ``"kl"``
     (KL(teacher || gated model) on next-token distributions at ``temperature``) or ``"lm"`` (next-token
     cross-entropy on the calibration text). After each step the gates are clamped to ``[0, max_gate]``.
+
+    Budget control (the paper's FLOPs constraint): with ``lam_growth > 0`` and a removal target, ``lam`` is multiplied
+    by ``1 + lam_growth`` after every step in which fewer gates than the target are closed (below ``closed_below``)
+    and divided by it when more are, so the regulariser's strength finds the level at which the target number of
+    blocks switches off jointly, whatever the loss scale of the model.
     """
 
     steps: int = 60
@@ -52,6 +57,8 @@ class GateConfig:
     gradient_checkpointing: bool = False
     temperature: float = 1.0
     max_gate: float = 1.0
+    lam_growth: float = 0.0
+    closed_below: float = 0.5
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -59,6 +66,8 @@ class GateConfig:
         for name in ("steps", "micro_batch", "grad_accum"):
             if getattr(self, name) < 1:
                 raise FoldGPTError(f"gate training needs {name} >= 1, got {getattr(self, name)}")
+        if self.lam_growth < 0:
+            raise FoldGPTError(f"gate training needs lam_growth >= 0, got {self.lam_growth}")
         for name in ("temperature", "max_gate"):
             if not getattr(self, name) > 0:
                 raise FoldGPTError(f"gate training needs {name} > 0, got {getattr(self, name)}")
@@ -73,6 +82,7 @@ class GateTrainingResult:
     loss_history: list[float]
     distill_history: list[float]
     regularizer_history: list[float]
+    lambda_history: list[float]
     flops_weights: list[float]
     config: GateConfig
 
@@ -245,8 +255,25 @@ def _micro_batch_loss(model: PreTrainedModel, gates: BlockGates, ids: torch.Tens
     return distillation_loss(student_logits, teacher_logits, config.temperature)
 
 
-def train_gates(model: PreTrainedModel, windows: torch.Tensor, config: GateConfig, seed: int) -> GateTrainingResult:
-    """Train one gate per block on calibration ``windows`` ([n, seqlen] token ids); the model is unchanged after."""
+def next_lambda(lam: float, gates: torch.Tensor, n_remove: int | None, config: GateConfig) -> float:
+    """Budget control: raise ``lam`` while too few gates are closed, lower it while too many are."""
+    if n_remove is None or config.lam_growth == 0:
+        return lam
+    closed = int((gates < config.closed_below).sum())
+    if closed < n_remove:
+        return lam * (1 + config.lam_growth)
+    if closed > n_remove:
+        return lam / (1 + config.lam_growth)
+    return lam
+
+
+def train_gates(
+    model: PreTrainedModel, windows: torch.Tensor, config: GateConfig, seed: int, n_remove: int | None = None
+) -> GateTrainingResult:
+    """Train one gate per block on calibration ``windows`` ([n, seqlen] token ids); the model is unchanged after.
+
+    ``n_remove`` is the removal target that budget control (``config.lam_growth > 0``) steers towards.
+    """
     if windows.dim() != 2 or len(windows) == 0:
         raise FoldGPTError(f"gate training needs calibration windows of shape [n, seqlen], got {tuple(windows.shape)}")
     device = next(model.parameters()).device
@@ -256,6 +283,8 @@ def train_gates(model: PreTrainedModel, windows: torch.Tensor, config: GateConfi
     totals: list[float] = []
     distills: list[float] = []
     regularizers: list[float] = []
+    lambdas: list[float] = []
+    lam = config.lam
     with ExitStack() as stack:
         stack.enter_context(frozen_weights(model))
         stack.enter_context(eval_mode(model))
@@ -273,14 +302,16 @@ def train_gates(model: PreTrainedModel, windows: torch.Tensor, config: GateConfi
                 distill += loss.item() / config.grad_accum
             regularizer = polarization_regularizer(gates.values, weights, config.t)
             _check_finite(regularizer, "polarization regularizer", step, config.steps)
-            (config.lam * regularizer).backward()
+            (lam * regularizer).backward()
             optimizer.step()
             with torch.no_grad():
                 gates.values.clamp_(0.0, config.max_gate)
             history.append(gates.tolist())
             distills.append(distill)
             regularizers.append(regularizer.item())
-            totals.append(distill + config.lam * regularizer.item())
+            totals.append(distill + lam * regularizer.item())
+            lambdas.append(lam)
+            lam = next_lambda(lam, gates.values.detach(), n_remove, config)
             progress.set_postfix(loss=f"{totals[-1]:.4f}")
     return GateTrainingResult(
         gates=history[-1],
@@ -288,6 +319,7 @@ def train_gates(model: PreTrainedModel, windows: torch.Tensor, config: GateConfi
         loss_history=totals,
         distill_history=distills,
         regularizer_history=regularizers,
+        lambda_history=lambdas,
         flops_weights=weights.cpu().tolist(),
         config=config,
     )
@@ -306,6 +338,7 @@ def selection_from_gates(result: GateTrainingResult, n_remove: int) -> Selection
             "loss_history": result.loss_history,
             "distill_loss_history": result.distill_history,
             "regularizer_history": result.regularizer_history,
+            "lambda_history": result.lambda_history,
             "flops_weights": result.flops_weights,
             "hyperparameters": asdict(result.config),
         },
@@ -316,7 +349,7 @@ def select_by_gates_with(config: GateConfig) -> SelectionMethod:
     """A selection method with the given hyper-parameters (for the CLI's gate options)."""
 
     def select(model: PreTrainedModel, windows: torch.Tensor, n_remove: int, seed: int) -> Selection:
-        return selection_from_gates(train_gates(model, windows, config, seed), n_remove)
+        return selection_from_gates(train_gates(model, windows, config, seed, n_remove), n_remove)
 
     return select
 
