@@ -95,6 +95,9 @@ def _add_gate_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--gate-lr", type=float, default=defaults.lr, help=f"Adam learning rate of the gates (default: {defaults.lr})")
     group.add_argument("--gate-lambda", type=float, default=defaults.lam,
                        help=f"weight of the FLOPs-weighted polarization regulariser (default: {defaults.lam})")
+    group.add_argument("--gate-lambda-growth", type=float, default=defaults.lam_growth,
+                       help="budget control: grow (shrink) lambda by this factor after each step with too few (many) "
+                       f"closed gates, so that the target number of blocks switches off (default: {defaults.lam_growth}; 0 = off)")
     group.add_argument("--gate-t", type=float, default=defaults.t, help=f"the regulariser's pull towards 0, t (default: {defaults.t})")
     group.add_argument("--gate-loss", choices=("kl", "lm"), default=defaults.loss,
                        help="kl: KL(dense model || gated model) on logits; lm: next-token loss (default: kl)")
@@ -108,7 +111,8 @@ def _add_gate_options(parser: argparse.ArgumentParser) -> None:
 def _gate_config(args: argparse.Namespace):
     from foldgpt.importance.gates import GateConfig  # noqa: PLC0415
 
-    return GateConfig(steps=args.gate_steps, lr=args.gate_lr, lam=args.gate_lambda, t=args.gate_t, loss=args.gate_loss,
+    return GateConfig(steps=args.gate_steps, lr=args.gate_lr, lam=args.gate_lambda, lam_growth=args.gate_lambda_growth,
+                      t=args.gate_t, loss=args.gate_loss,
                       micro_batch=args.gate_micro_batch, grad_accum=args.gate_grad_accum,
                       gradient_checkpointing=args.gradient_checkpointing)
 
