@@ -10,7 +10,7 @@ from foldgpt.analysis import redundancy_stats
 from foldgpt.evaluation import windows_perplexity
 from foldgpt.importance import select_blocks
 from foldgpt.removal import remove_blocks
-from tiny import DEPTH, random_ids, tiny_model
+from tiny import DEPTH, identity_block_model, random_ids, tiny_model
 
 
 def direct_block_states(model, ids):
@@ -47,16 +47,6 @@ def test_block_influence_and_similarity_equal_direct_computation(family):
         expected_d = sum(math.acos(max(-1.0, min(1.0, cosine(residual[a][b, -1], residual[c][b, -1])))) / math.pi for b in range(3)) / 3
         assert stats.angular_distance[a][c] == pytest.approx(expected_d, abs=1e-5)
     assert stats.tokens == ids.numel()
-
-
-def identity_block_model(identity_blocks):
-    """A tiny Llama whose given blocks add nothing to the residual stream (zeroed output projections)."""
-    model = tiny_model("llama")
-    with torch.no_grad():
-        for index in identity_blocks:
-            model.model.layers[index].self_attn.o_proj.weight.zero_()
-            model.model.layers[index].mlp.down_proj.weight.zero_()
-    return model
 
 
 def test_identity_blocks_have_zero_influence_and_are_removed_first_by_bi():

@@ -22,19 +22,9 @@ from foldgpt.importance.gates import (
 )
 from foldgpt.plotting import plot_gate_history
 from foldgpt.removal import remove_blocks
-from tiny import DEPTH, random_ids, tiny_model
+from tiny import DEPTH, identity_block_model, random_ids, tiny_model
 
 FAST = GateConfig(steps=30, lr=0.1, lam=0.2)  # on the tiny model the identity gates are 0 by step 10
-
-
-def identity_block_model(identity_blocks):
-    """A tiny Llama whose given blocks add nothing to the residual stream (zeroed output projections)."""
-    model = tiny_model("llama")
-    with torch.no_grad():
-        for index in identity_blocks:
-            model.model.layers[index].self_attn.o_proj.weight.zero_()
-            model.model.layers[index].mlp.down_proj.weight.zero_()
-    return model
 
 
 def logits_of(model, ids):

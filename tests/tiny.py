@@ -61,6 +61,16 @@ def tiny_model(family: str = "llama", seed: int = 0) -> PreTrainedModel:
     return model.eval()
 
 
+def identity_block_model(identity_blocks: list[int]) -> PreTrainedModel:
+    """A tiny Llama whose given blocks add nothing to the residual stream (zeroed output projections)."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        for index in identity_blocks:
+            model.model.layers[index].self_attn.o_proj.weight.zero_()
+            model.model.layers[index].mlp.down_proj.weight.zero_()
+    return model
+
+
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A character-level tokenizer whose vocabulary fits the tiny models."""
     characters = [c for c in string.printable if c not in "\x0b\x0c\r"]
