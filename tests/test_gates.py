@@ -176,7 +176,7 @@ def test_budget_control_moves_lambda_towards_the_target():
     assert next_lambda(1.0, gates, n_remove=2, config=config) == pytest.approx(1.5)
     assert next_lambda(1.0, gates, n_remove=1, config=config) == 1.0
     assert next_lambda(1.5, gates, n_remove=0, config=config) == pytest.approx(1.0)
-    assert next_lambda(1.0, gates, n_remove=3, config=GateConfig()) == 1.0  # off by default
+    assert next_lambda(1.0, gates, n_remove=3, config=GateConfig(lam_growth=0.0)) == 1.0  # off
     assert next_lambda(1.0, gates, n_remove=None, config=config) == 1.0
 
 
