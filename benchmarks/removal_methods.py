@@ -126,6 +126,8 @@ def plot(rows: list[dict], datasets: list[str], path: Path) -> None:
             axis.plot(*zip(*points), marker="o", label=method)
         axis.axhline(rows[0]["perplexity"][name], color="black", linestyle="--", label="dense")
         axis.set_yscale("log")
+        axis.set_ylim(0.8 * rows[0]["perplexity"][name], 12 * rows[0]["perplexity"][name])  # catastrophic ones leave the chart
+        axis.set_xticks(sorted({r["removed_count"] for r in rows if r["method"] != "dense"}))
         axis.set_xlabel("blocks removed")
         axis.set_ylabel(f"{name} perplexity")
         axis.legend()
