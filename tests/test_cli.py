@@ -171,3 +171,18 @@ def test_prune_accepts_a_flops_target(capsys, tiny_folder, text_file, tmp_path):
     metadata = json.loads((out / "foldgpt.json").read_text())
     assert metadata["target"] == {"target_flops": 0.7}
     assert metadata["flops_per_token_after"] <= 0.7 * metadata["flops_per_token_before"]
+
+
+def test_prune_with_gates_records_the_gate_trajectory_and_draws_it(capsys, tiny_folder, text_file, tmp_path):
+    out = tmp_path / "gates"
+    code, _, _ = run_cli(capsys, "prune", tiny_folder, "--method", "gates", "--remove", 2, "--gate-steps", 5,
+                         "--gate-lambda-growth", "0.3", "--calibration", text_file, "--nsamples", 2, "--seqlen", 32, "--out", out)
+    assert code == 0
+    metadata = json.loads((out / "foldgpt.json").read_text())
+    history = metadata["details"]["gate_history"]
+    assert len(history) == 5 and all(len(step) == DEPTH for step in history)
+    assert metadata["details"]["hyperparameters"]["steps"] == 5
+    assert metadata["details"]["hyperparameters"]["lam_growth"] == 0.3
+    gates = metadata["scores"]
+    assert metadata["removed"] == sorted(sorted(range(DEPTH), key=lambda i: (gates[i], i))[:2])
+    assert (out / "gates.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
