@@ -117,11 +117,11 @@ def _gate_config(args: argparse.Namespace):
                       gradient_checkpointing=args.gradient_checkpointing)
 
 
-def _add_ppl(parser: argparse.ArgumentParser, seqlen: int, max_tokens: int | None) -> None:
+def _add_ppl(parser: argparse.ArgumentParser, seqlen: int, max_tokens: int | None, seqlen_flag: str = "--seqlen") -> None:
     group = parser.add_argument_group("perplexity")
     group.add_argument("--ppl", type=dataset_list, default=["wikitext2", "ptb"], metavar="SETS",
                        help="comma-separated evaluation sets: wikitext2, ptb, or text files (default: wikitext2,ptb)")
-    group.add_argument("--eval-seqlen" if parser.prog.endswith("compress") else "--seqlen", dest="eval_seqlen",
+    group.add_argument(seqlen_flag, dest="eval_seqlen",
                        type=positive_int, default=seqlen, help=f"tokens per evaluation window (default: {seqlen})")
     group.add_argument("--max-tokens", type=positive_int, default=max_tokens,
                        help="score only the first N tokens of each set, for quick runs (default: "
@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--method", default="bi", choices=METHOD_NAMES, help="block-selection method (default: bi)")
     _add_targets(compress, default_remove=6)
     _add_calibration(compress)
-    _add_ppl(compress, seqlen=1024, max_tokens=16384)
+    _add_ppl(compress, seqlen=1024, max_tokens=16384, seqlen_flag="--eval-seqlen")  # --seqlen is the calibration's
     _add_output(compress, "all stages' results")
     compress.set_defaults(handler=run_compress)
     return parser
