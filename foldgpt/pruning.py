@@ -98,7 +98,8 @@ def _in_original_numbering(source: str, removed: list[int], num_blocks: int) -> 
     if "removed_original" not in previous:
         return removed
     original_depth = previous["num_blocks_before"]
-    kept_original = [i for i in range(original_depth) if i not in set(previous["removed_original"])]
+    removed_before = set(previous["removed_original"])
+    kept_original = [i for i in range(original_depth) if i not in removed_before]
     if len(kept_original) != num_blocks:
         return removed
     return [kept_original[i] for i in removed]

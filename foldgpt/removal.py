@@ -71,7 +71,8 @@ def remove_blocks(model: PreTrainedModel, removed: Sequence[int]) -> PreTrainedM
     adapter = adapter_for(model)
     layers = adapter.layers(model)
     removed_sorted = validate_removed(removed, len(layers))
-    kept = [i for i in range(len(layers)) if i not in set(removed_sorted)]
+    removed_set = set(removed_sorted)
+    kept = [i for i in range(len(layers)) if i not in removed_set]
     new_layers = nn.ModuleList([layers[i] for i in kept])
     renumber_layer_indices(new_layers)
     adapter.set_layers(model, new_layers)

@@ -5,11 +5,10 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from foldgpt.cli import build_parser, main
-from tiny import DEPTH, random_ids, save_tiny
+from tiny import DEPTH, save_tiny
 
 
 @pytest.fixture(scope="module")
