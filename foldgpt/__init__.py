@@ -6,6 +6,8 @@ The Python API mirrors the CLI::
     loaded = foldgpt.load_model("smollm2-135m")
     stats = foldgpt.analyze(loaded)                      # Block Influence, similarity, angular distance
     foldgpt.prune(loaded, method="bi", remove=6, out="runs/bi6")
+    folded = foldgpt.fold_model(foldgpt.load("runs/bi6"), group_size=2, out="runs/bi6-g2")  # compact folder
+    foldgpt.export_plain(foldgpt.load("runs/bi6-g2"), "runs/bi6-g2-plain")                 # vanilla HF folder
     foldgpt.perplexity(loaded.model, loaded.tokenizer, "wikitext2", seqlen=1024, max_tokens=8192)
 """
 
@@ -18,15 +20,23 @@ from foldgpt.analysis import RedundancyStats, analyze, redundancy_stats  # noqa:
 from foldgpt.evaluation import PerplexityResult, perplexity  # noqa: E402
 from foldgpt.pruning import PruneResult, prune  # noqa: E402
 from foldgpt.removal import remove_blocks  # noqa: E402
+from foldgpt.folding import FoldResult, export_plain, fold_model  # noqa: E402
+
+load = load_model
+"""``foldgpt.load(DIR)``: any MODEL the CLI takes, including compact (folded or healed) folders."""
 
 __all__ = [
     "CalibrationConfig",
     "FoldGPTError",
+    "FoldResult",
     "LoadedModel",
     "PerplexityResult",
     "PruneResult",
     "RedundancyStats",
     "analyze",
+    "export_plain",
+    "fold_model",
+    "load",
     "load_model",
     "perplexity",
     "prune",
