@@ -21,6 +21,7 @@ from foldgpt.evaluation import PerplexityResult, perplexity  # noqa: E402
 from foldgpt.pruning import PruneResult, prune  # noqa: E402
 from foldgpt.removal import remove_blocks  # noqa: E402
 from foldgpt.folding import FoldResult, export_plain, fold_model  # noqa: E402
+from foldgpt.healing import HealConfig, HealResult, heal  # noqa: E402
 
 load = load_model
 """``foldgpt.load(DIR)``: any MODEL the CLI takes, including compact (folded or healed) folders."""
@@ -29,6 +30,8 @@ __all__ = [
     "CalibrationConfig",
     "FoldGPTError",
     "FoldResult",
+    "HealConfig",
+    "HealResult",
     "LoadedModel",
     "PerplexityResult",
     "PruneResult",
@@ -36,6 +39,7 @@ __all__ = [
     "analyze",
     "export_plain",
     "fold_model",
+    "heal",
     "load",
     "load_model",
     "perplexity",

@@ -196,6 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="replace OUT if it already exists")
     export.set_defaults(handler=run_export)
 
+    heal = commands.add_parser("heal", help="LoRA distillation healing of a pruned or folded model from the dense teacher",
+                               description="Train one LoRA adapter per block position and the per-block norms (base weights "
+                               "frozen, shared tensors stay shared) to match the teacher: logit KL, tail-layer MSE over the last "
+                               "k blocks, LM loss. Writes a compact folder (shared base + adapter/ + norms) that every foldgpt "
+                               "command loads as MODEL, and with --plain also DIR/plain, a vanilla HF folder with the adapters merged.")
+    _add_heal_options(heal)
+    heal.set_defaults(handler=run_heal)
+
     compress = commands.add_parser("compress", help="the main job: analysis, block removal, perplexity before and after",
                                    description="Run the pipeline end to end: analysis -> block removal -> perplexity of the dense "
                                    "and the pruned model; writes DIR/analysis, DIR/pruned and DIR/summary.json.")
@@ -296,6 +304,100 @@ def run_compress(args: argparse.Namespace) -> None:
         raise FoldGPTError("compress runs in float32 on the CPU for now; drop --dtype/--device")
     compress(args.model, args.out, args.method, calibration=_calibration(args), evaluation=evaluation, overwrite=args.overwrite,
              **_targets(args))
+
+
+def _add_heal_options(parser: argparse.ArgumentParser) -> None:
+    """Every option of ``foldgpt heal`` (defaults from ``HealConfig``)."""
+    from foldgpt.healing import DEFAULT_TARGETS, SCHEDULES, HealConfig  # noqa: PLC0415
+
+    d = HealConfig()
+    parser.add_argument("student", metavar="STUDENT", help="the model to heal: a pruned HF folder or a compact (folded) folder")
+    parser.add_argument("--teacher", required=True, metavar="MODEL",
+                        help=f"the dense model to distil from: a HF folder, a .gguf file, or '{DEFAULT_MODEL}'")
+    parser.add_argument("--data", default=d.data, metavar="DATA",
+                        help="alpaca (5000 records in the Stanford Alpaca template, see foldgpt.data.ALPACA_TEMPLATE), wikitext2, "
+                        "ptb (their validation splits), or a .txt/.jsonl/.json file (default: alpaca)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="weight dtype of student and teacher (default: float32; see --bf16 for mixed precision)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
+    budget = parser.add_argument_group("budget").add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=positive_int, default=d.steps, help=f"optimiser steps (default: {d.steps})")
+    budget.add_argument("--tokens", type=positive_int, metavar="N", help="train on N tokens instead (rounded up to whole steps)")
+    batches = parser.add_argument_group("batches")
+    batches.add_argument("--seqlen", type=positive_int, default=d.seqlen, help=f"tokens per training window (default: {d.seqlen})")
+    batches.add_argument("--micro-batch", type=positive_int, default=d.micro_batch, help=f"windows per forward pass (default: {d.micro_batch})")
+    batches.add_argument("--grad-accum", type=positive_int, default=d.grad_accum, help=f"micro-batches per optimiser step (default: {d.grad_accum})")
+    optim = parser.add_argument_group("optimiser")
+    optim.add_argument("--lr", type=float, default=d.lr, help=f"peak AdamW learning rate (default: {d.lr})")
+    optim.add_argument("--schedule", choices=SCHEDULES, default=d.schedule, help=f"learning-rate decay after warm-up (default: {d.schedule})")
+    optim.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help=f"linear warm-up steps (default: {d.warmup_steps})")
+    optim.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help=f"gradient clipping, 0 = off (default: {d.max_grad_norm})")
+    lora = parser.add_argument_group("LoRA (one adapter per block position; base weights frozen, per-block norms trained)")
+    lora.add_argument("--lora-rank", type=positive_int, default=d.lora_rank, help=f"LoRA rank r (default: {d.lora_rank})")
+    lora.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help=f"LoRA alpha; the delta is scaled by alpha/r (default: {d.lora_alpha:g})")
+    lora.add_argument("--lora-dropout", type=float, default=d.lora_dropout, help=f"dropout on the LoRA input (default: {d.lora_dropout})")
+    lora.add_argument("--lora-targets", default=",".join(DEFAULT_TARGETS), metavar="NAMES",
+                      help="comma-separated linear layers of each block to adapt (default: every projection, "
+                      f"{','.join(DEFAULT_TARGETS)})")
+    lora.add_argument("--freeze-norms", action="store_true", help="keep the per-block norms frozen too (LoRA only)")
+    losses = parser.add_argument_group("losses: kl_weight * KL(teacher||student, T) + tail_weight * tail MSE + lm_weight * LM")
+    losses.add_argument("--kl-weight", type=float, default=d.kl_weight, help=f"weight of the logit KL, 0 = off (default: {d.kl_weight})")
+    losses.add_argument("--temperature", type=float, default=d.temperature, help=f"KL temperature T (default: {d.temperature})")
+    losses.add_argument("--tail-weight", type=float, default=d.tail_weight,
+                        help=f"weight of the tail-layer loss (relative MSE of the last k block outputs), 0 = off (default: {d.tail_weight})")
+    losses.add_argument("--tail-layers", type=positive_int, default=d.tail_layers, help=f"k, the number of last blocks compared (default: {d.tail_layers})")
+    losses.add_argument("--lm-weight", type=float, default=d.lm_weight, help=f"weight of the next-token loss on the data, 0 = off (default: {d.lm_weight})")
+    run = parser.add_argument_group("evaluation, checkpoints, speed")
+    run.add_argument("--eval-every", type=int, default=d.eval_every, metavar="N",
+                     help="score the held-out windows every N steps (always before and after; default: 0 = only then)")
+    run.add_argument("--eval-windows", type=int, default=d.eval_windows, help=f"held-out windows, never trained on (default: {d.eval_windows})")
+    run.add_argument("--seed", type=int, default=d.seed, help=f"seed for the window order and LoRA initialisation (default: {d.seed})")
+    run.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="N",
+                     help=f"write a checkpoint every N steps, 0 = only on Ctrl-C (default: {d.checkpoint_every})")
+    run.add_argument("--checkpoint-dir", metavar="DIR", help="checkpoint folder (default: <out>.checkpoint; removed after success)")
+    run.add_argument("--resume", action="store_true", help="continue from the checkpoint (same settings; same result as an uninterrupted run)")
+    run.add_argument("--teacher-cache", metavar="DIR",
+                     help="cache the teacher's outputs in DIR (float16 logits, one file per window) and reuse them in later runs "
+                     "on the same data; default: computed on the fly")
+    run.add_argument("--bf16", action="store_true", help="bfloat16 autocast for student and teacher forward passes (CPU or GPU)")
+    run.add_argument("--gradient-checkpointing", action="store_true", help="recompute block activations in backward to save memory")
+    parser.add_argument("--plain", action="store_true", help="also write DIR/plain: a vanilla HF folder with the adapters merged per position")
+    _add_output(parser, "the healed compact model (shared base + adapter/ + norms)")
+
+
+def _heal_config(args: argparse.Namespace):
+    from foldgpt.healing import HealConfig  # noqa: PLC0415
+
+    targets = tuple(name.strip() for name in args.lora_targets.split(",") if name.strip())
+    return HealConfig(
+        data=args.data, steps=args.steps, tokens=args.tokens, seqlen=args.seqlen, micro_batch=args.micro_batch,
+        grad_accum=args.grad_accum, lr=args.lr, schedule=args.schedule, warmup_steps=args.warmup_steps,
+        max_grad_norm=args.max_grad_norm, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        target_modules=targets, train_norms=not args.freeze_norms, kl_weight=args.kl_weight, temperature=args.temperature,
+        tail_weight=args.tail_weight, tail_layers=args.tail_layers, lm_weight=args.lm_weight, eval_every=args.eval_every,
+        eval_windows=args.eval_windows, seed=args.seed, bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing,
+        teacher_cache=args.teacher_cache, checkpoint_every=args.checkpoint_every,
+    )
+
+
+def run_heal(args: argparse.Namespace) -> None:
+    from foldgpt.artifacts import check_output_free  # noqa: PLC0415
+    from foldgpt.healing import heal  # noqa: PLC0415
+    from foldgpt.models import load_model  # noqa: PLC0415
+
+    check_output_free(Path(args.out), args.overwrite)
+    config = _heal_config(args)
+    student = load_model(args.student, dtype=args.dtype, device=args.device)
+    teacher = load_model(args.teacher, dtype=args.dtype, device=args.device)
+    print(f"healing {student.source} from {teacher.source}: {config.total_steps} steps x {config.tokens_per_step} tokens", file=sys.stderr)
+    result = heal(student, teacher, config, out=args.out, overwrite=args.overwrite, plain=args.plain,
+                  checkpoint_dir=args.checkpoint_dir, resume=args.resume)
+    meta, first, last = result.metadata, result.evals[0], result.evals[-1]
+    print(f"healed {meta['steps_done']} steps, {meta['tokens_seen']:,} tokens in {meta['train_seconds']:.0f}s "
+          f"({meta['tokens_per_second'] or 0:.0f} tokens/s); trainable: {meta['trainable_parameters']['lora']:,} LoRA + "
+          f"{meta['trainable_parameters']['norms']:,} norm parameters")
+    print(f"held-out: KL {first['kl']:.4f} -> {last['kl']:.4f}, tail {first['tail']:.4f} -> {last['tail']:.4f}, "
+          f"perplexity {first['ppl']:.2f} -> {last['ppl']:.2f}; wrote {args.out}" + (f" and {args.out}/plain" if args.plain else ""))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
