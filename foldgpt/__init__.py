@@ -21,6 +21,7 @@ from foldgpt.evaluation import PerplexityResult, perplexity  # noqa: E402
 from foldgpt.pruning import PruneResult, prune  # noqa: E402
 from foldgpt.removal import remove_blocks  # noqa: E402
 from foldgpt.folding import FoldResult, export_plain, fold_model  # noqa: E402
+from foldgpt.compress import compress  # noqa: E402
 from foldgpt.healing import HealConfig, HealResult, heal  # noqa: E402
 
 load = load_model
@@ -37,6 +38,7 @@ __all__ = [
     "PruneResult",
     "RedundancyStats",
     "analyze",
+    "compress",
     "export_plain",
     "fold_model",
     "heal",

@@ -204,15 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_heal_options(heal)
     heal.set_defaults(handler=run_heal)
 
-    compress = commands.add_parser("compress", help="the main job: analysis, block removal, perplexity before and after",
-                                   description="Run the pipeline end to end: analysis -> block removal -> perplexity of the dense "
-                                   "and the pruned model; writes DIR/analysis, DIR/pruned and DIR/summary.json.")
-    _add_model(compress)
-    compress.add_argument("--method", default="bi", choices=METHOD_NAMES, help="block-selection method (default: bi)")
-    _add_targets(compress, default_remove=6)
-    _add_calibration(compress)
-    _add_ppl(compress, seqlen=1024, max_tokens=16384, seqlen_flag="--eval-seqlen")  # --seqlen is the calibration's
-    _add_output(compress, "all stages' results")
+    compress = commands.add_parser("compress", help="the whole pipeline: analysis, removal, sharing, healing, evaluation",
+                                   description="Run FoldGPT end to end: dense evaluation -> analysis -> block removal -> grouped "
+                                   "sharing -> healing -> evaluation, writing DIR/<stage>/ for each stage, DIR/config.yaml (the "
+                                   "resolved settings, usable as --config), DIR/summary.json and DIR/report/. Rerunning with the "
+                                   "same settings skips finished stages (resume after a crash); a changed setting redoes only the "
+                                   "stages it affects. Every option below is also a key of the --config YAML (dashes as underscores).")
+    add_compress_options(compress)
     compress.set_defaults(handler=run_compress)
     return parser
 
@@ -297,13 +295,81 @@ def run_eval(args: argparse.Namespace) -> None:
 
 
 def run_compress(args: argparse.Namespace) -> None:
-    from foldgpt.compress import EvalConfig, compress  # noqa: PLC0415
+    from foldgpt.compress import run_pipeline  # noqa: PLC0415
+    from foldgpt.config import settings_from_args  # noqa: PLC0415
 
-    evaluation = EvalConfig(datasets=args.ppl, seqlen=args.eval_seqlen, max_tokens=args.max_tokens, batch_size=args.batch_size)
-    if args.dtype != "float32" or args.device != "cpu":
-        raise FoldGPTError("compress runs in float32 on the CPU for now; drop --dtype/--device")
-    compress(args.model, args.out, args.method, calibration=_calibration(args), evaluation=evaluation, overwrite=args.overwrite,
-             **_targets(args))
+    run_pipeline(settings_from_args(args), args.out, overwrite=args.overwrite)
+
+
+def add_compress_options(parser: argparse.ArgumentParser) -> None:
+    """Every setting of the pipeline; the YAML ``--config`` keys are these options' names with underscores."""
+    parser.add_argument("--config", metavar="FILE.yaml", help="settings from a YAML file (keys: the options below, e.g. "
+                        "group_size: 2); options given on the command line win")
+    _add_model(parser)
+    removal = parser.add_argument_group("block removal")
+    removal.add_argument("--method", default="gates", choices=METHOD_NAMES, help="block-selection method (default: gates)")
+    _add_targets(parser, default_remove=6)
+    _add_calibration(parser)
+    _add_gate_options(parser)
+    sharing = parser.add_argument_group("grouped sharing")
+    sharing.add_argument("--group-size", type=positive_int, default=2, metavar="G",
+                         help="consecutive retained blocks per group sharing one parent's weights; 1 = no sharing (default: 2)")
+    sharing.add_argument("--groups", metavar="SPEC", help="explicit contiguous groups instead, e.g. '0-3,4-5,...'")
+    sharing.add_argument("--parent", default="first", choices=("first", "middle", "largest-gate"),
+                         help="which block of each group lends its weights (default: first)")
+    _add_heal_pipeline_options(parser)
+    _add_ppl(parser, seqlen=1024, max_tokens=16384, seqlen_flag="--eval-seqlen")  # --seqlen is the calibration's
+    _add_output(parser, "all stages' results (an existing DIR from compress is resumed)")
+
+
+HEAL_OPTION_HELP = {
+    "steps": "optimiser steps; 0 skips healing",
+    "tokens": "train on this many tokens instead of --heal-steps",
+    "data": "alpaca, wikitext2, ptb (their validation splits) or a text/jsonl/json file",
+    "seqlen": "tokens per training window",
+    "lr": "peak AdamW learning rate",
+    "lora_rank": "LoRA rank (one adapter per block position)",
+    "kl_weight": "weight of KL(teacher || student) on logits",
+    "tail_weight": "weight of the tail-layer hidden-state MSE",
+    "tail_layers": "number of last blocks compared by the tail loss",
+    "lm_weight": "weight of the next-token loss",
+    "target_modules": "comma-separated linear layers to adapt",
+}
+
+
+def _add_heal_pipeline_options(parser: argparse.ArgumentParser) -> None:
+    """``--heal-<field>`` for every field of ``HealConfig`` (the same settings as ``foldgpt heal``)."""
+    import dataclasses  # noqa: PLC0415
+
+    from foldgpt.healing import HealConfig  # noqa: PLC0415
+
+    group = parser.add_argument_group("healing (see 'foldgpt heal --help' for each setting)")
+    defaults = HealConfig()
+    for field in dataclasses.fields(HealConfig):
+        default = getattr(defaults, field.name)
+        flag = "--heal-" + field.name.replace("_", "-")
+        text = HEAL_OPTION_HELP.get(field.name, field.name.replace("_", " "))
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        kwargs: dict = {"default": default, "help": f"{text} (default: {shown})", "dest": f"heal_{field.name}"}
+        if field.name == "steps":
+            kwargs["type"] = int
+        elif isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif isinstance(default, tuple):
+            kwargs["type"] = name_list
+            kwargs["metavar"] = "NAMES"
+        elif default is None:
+            kwargs["type"] = positive_int if "int" in str(field.type) else str
+        else:
+            kwargs["type"] = type(default)
+        group.add_argument(flag, **kwargs)
+
+
+def name_list(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one name")
+    return names
 
 
 def _add_heal_options(parser: argparse.ArgumentParser) -> None:
@@ -405,6 +471,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_libraries()
     handler: Callable[[argparse.Namespace], None] = args.handler
     try:
+        if getattr(args, "config", None):
+            from foldgpt.config import apply_yaml_config  # noqa: PLC0415
+
+            args = apply_yaml_config(list(sys.argv[1:] if argv is None else argv), args)
         with _data_dir_setting(args.data_dir):
             handler(args)
     except FoldGPTError as error:

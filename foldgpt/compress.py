@@ -1,105 +1,281 @@
-"""The main job, top to bottom: dense perplexity -> analysis -> block removal -> pruned perplexity -> summary.
+"""The whole FoldGPT pipeline, top to bottom, resumable stage by stage.
 
-Later stages of FoldGPT (gated removal, sharing, healing) plug in here as they land.
+    dense evaluation -> analysis -> gated removal -> grouped sharing -> healing -> evaluation -> summary + report
+
+Every setting is one key of a flat dictionary whose names are the ``foldgpt compress`` CLI options (``--gate-steps``
+is ``gate_steps``); a YAML ``--config`` sets the same keys. Each stage writes ``DIR/<stage>/`` atomically and then
+``DIR/<stage>/stage.json``, which records a hash of the settings the stage depends on and of the stage before it. A
+rerun skips every stage whose hash still matches, so a crashed or interrupted run continues where it stopped, and a
+changed setting redoes only the stages it affects. Healing additionally checkpoints inside its stage.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from foldgpt.analysis import analyze, write_analysis
-from foldgpt.artifacts import atomic_output_dir, check_output_free, save_plain_model, write_json_atomic
-from foldgpt.data import CalibrationConfig
-from foldgpt.evaluation import perplexity
+from foldgpt.artifacts import METADATA_FILE, atomic_output_dir, save_plain_model, write_json_atomic
+from foldgpt.errors import FoldGPTError
 from foldgpt.models import load_model
-from foldgpt.pruning import prune
-from foldgpt.removal import count_parameters
+from foldgpt.models.compact import save_compact
+from foldgpt.models.loading import LoadedModel
+
+CONFIG_FILE = "config.yaml"
+SUMMARY_FILE = "summary.json"
+STAGE_FILE = "stage.json"
+
+# which settings each stage depends on (by key or key prefix); anything else does not invalidate it
+STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
+    "dense": ("model", "dtype", "device", "ppl", "eval_seqlen", "max_tokens", "batch_size", "tasks", "limit", "efficiency"),
+    "analysis": ("model", "dtype", "device", "calibration", "nsamples", "seqlen", "seed"),
+    "pruned": ("model", "dtype", "device", "calibration", "nsamples", "seqlen", "seed", "method", "remove", "remove_ratio",
+               "target_params", "target_flops", "gate_", "gradient_checkpointing"),
+    "folded": ("group_size", "groups", "parent"),
+    "healed": ("heal_",),
+    "final": ("ppl", "eval_seqlen", "max_tokens", "batch_size", "tasks", "limit", "efficiency"),
+}
+STAGES = tuple(STAGE_SETTINGS)
 
 
 @dataclass
-class EvalConfig:
-    """Which perplexities to report and on how much text."""
+class StageResult:
+    """Where a stage's output lives, its chained hash, and whether this run computed it or found it done."""
 
-    datasets: list[str] = field(default_factory=lambda: ["wikitext2", "ptb"])
-    seqlen: int = 1024
-    max_tokens: int | None = 16384
-    batch_size: int = 1
+    name: str
+    folder: Path
+    key: str
+    skipped: bool
 
 
-def compress(
-    model: str,
-    out: str | Path,
-    method: str = "bi",
-    remove: int | None = None,
-    remove_ratio: float | None = None,
-    calibration: CalibrationConfig | None = None,
-    evaluation: EvalConfig | None = None,
-    overwrite: bool = False,
-    target_params: float | None = None,
-    target_flops: float | None = None,
-) -> dict:
-    """Run every stage; write ``out/analysis``, ``out/pruned`` and ``out/summary.json``; return the summary.
+def settings_for(stage: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The subset of ``settings`` that ``stage`` depends on."""
+    prefixes = STAGE_SETTINGS[stage]
+    return {k: v for k, v in sorted(settings.items()) if any(k == p or (p.endswith("_") and k.startswith(p)) for p in prefixes)}
 
-    Targets as in ``foldgpt.prune``; with none given, 6 blocks are removed.
+
+def stage_key(stage: str, settings: dict[str, Any], upstream: str) -> str:
+    payload = json.dumps({"stage": stage, "settings": settings_for(stage, settings), "upstream": upstream}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def run_stage(out: Path, stage: str, settings: dict[str, Any], upstream: str, build: Callable[[Path], dict]) -> StageResult:
+    """Run ``build(folder)`` unless ``out/stage`` already holds a result for the same settings and inputs.
+
+    ``build`` must create ``folder`` atomically (every foldgpt writer does) and returns facts for ``stage.json``.
+    ``stage.json`` is written last, so a stage interrupted before it is simply redone.
     """
-    if remove is None and remove_ratio is None and target_params is None and target_flops is None:
-        remove = 6
-    calibration = calibration or CalibrationConfig()
-    evaluation = evaluation or EvalConfig()
-    check_output_free(Path(out), overwrite)
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-    loaded = load_model(model)
-    timings["load"] = time.perf_counter() - clock
+    folder = out / stage
+    key = stage_key(stage, settings, upstream)
+    marker = folder / STAGE_FILE
+    if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
+        print(f"[{stage}] done in an earlier run with the same settings: skipped", flush=True)
+        return StageResult(stage, folder, key, skipped=True)
+    print(f"[{stage}] running", flush=True)
+    start = time.perf_counter()
+    facts = build(folder)
+    write_json_atomic(marker, {"stage": stage, "key": key, "upstream": upstream, "settings": settings_for(stage, settings),
+                               "seconds": time.perf_counter() - start, **facts})
+    return StageResult(stage, folder, key, skipped=False)
 
-    def score(label: str) -> dict[str, float]:
-        start = time.perf_counter()
-        values = {
-            name: perplexity(loaded.model, loaded.tokenizer, name, evaluation.seqlen, evaluation.max_tokens, evaluation.batch_size).perplexity
-            for name in evaluation.datasets
-        }
-        timings[f"perplexity_{label}"] = time.perf_counter() - start
-        return values
 
-    dense_ppl = score("dense")
-    dense_parameters = count_parameters(loaded.model)
-    clock = time.perf_counter()
-    stats = analyze(loaded, calibration)
-    timings["analysis"] = time.perf_counter() - clock
-    clock = time.perf_counter()
-    result = prune(loaded, method, remove, remove_ratio, calibration, target_params=target_params, target_flops=target_flops)
-    timings["prune"] = time.perf_counter() - clock
-    pruned_ppl = score("pruned")
-    summary = {
-        "model": loaded.source,
-        "method": method,
-        "removed": result.metadata["removed"],
-        "num_blocks": [result.metadata["num_blocks_before"], result.metadata["num_blocks_after"]],
-        "parameters": {"dense": dense_parameters, "pruned": count_parameters(loaded.model)},
-        "perplexity": {"dense": dense_ppl, "pruned": pruned_ppl},
-        "evaluation": vars(evaluation),
-        "calibration": vars(calibration),
-        "seconds": timings,
-    }
-    with atomic_output_dir(Path(out), overwrite) as folder:
-        (folder / "analysis").mkdir()
-        write_analysis(stats, folder / "analysis")
-        save_plain_model(loaded.model, loaded.tokenizer, folder / "pruned", result.metadata)
-        write_json_atomic(folder / "summary.json", summary)
+def compress(model: str, out: str | Path, config: str | Path | None = None, overwrite: bool = False, **options: Any) -> dict:
+    """Run (or resume) the whole pipeline on ``model`` into ``out``; return the summary.
+
+    Settings: the ``foldgpt compress`` options as keywords (``group_size=2``, ``heal_steps=200``, ``remove=8``, ...),
+    over a YAML ``config``, over the defaults. ``overwrite`` starts from scratch instead of resuming.
+    """
+    from foldgpt.config import resolve_settings  # noqa: PLC0415
+
+    return run_pipeline(resolve_settings(model, config, **options), out, overwrite)
+
+
+def run_pipeline(settings: dict[str, Any], out: str | Path, overwrite: bool = False) -> dict:
+    """Run (or resume) every stage with resolved flat ``settings``; return the summary."""
+    out = Path(out)
+    _check_output(out, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG_FILE).write_text(yaml.safe_dump(settings, sort_keys=True))
+    teacher: list[LoadedModel] = []
+
+    def dense_model() -> LoadedModel:
+        if not teacher:
+            teacher.append(load_model(settings["model"], dtype=settings["dtype"], device=settings["device"]))
+        return teacher[0]
+
+    dense = run_stage(out, "dense", settings, "", lambda folder: _evaluate_into(folder, dense_model(), settings))
+    analysis = run_stage(out, "analysis", settings, "", lambda folder: _analyze_into(folder, dense_model(), settings))
+    pruned = run_stage(out, "pruned", settings, "", lambda folder: _prune_into(folder, settings))
+    folded = run_stage(out, "folded", settings, pruned.key, lambda folder: _fold_into(folder, pruned.folder, settings))
+    last = folded
+    if settings["heal_steps"] > 0:
+        last = run_stage(out, "healed", settings, folded.key,
+                         lambda folder: _heal_into(folder, folded.folder, dense_model(), settings, out / f".healed-{folded.key[:12]}.checkpoint"))
+    final = run_stage(out, "final", settings, last.key, lambda folder: _evaluate_into(folder, _load(last.folder, settings), settings))
+    summary = _summary(out, settings, dense, analysis, pruned, folded, last, final)
+    write_json_atomic(out / SUMMARY_FILE, summary)
+    _write_report(out, dense, final, summary)
     print(format_summary(summary))
     return summary
 
 
+def _check_output(out: Path, overwrite: bool) -> None:
+    """Resume a folder written by compress; refuse any other existing folder unless ``overwrite`` (then start afresh)."""
+    if out.exists() and overwrite:
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    elif out.exists() and not (out.is_dir() and ((out / CONFIG_FILE).is_file() or not any(out.iterdir()))):
+        raise FoldGPTError(f"output '{out}' exists and was not written by foldgpt compress; choose another --out or pass --overwrite")
+
+
+def _load(folder: Path, settings: dict[str, Any]) -> LoadedModel:
+    return load_model(str(folder), dtype=settings["dtype"], device=settings["device"])
+
+
+def evaluate_model(loaded: LoadedModel, settings: dict[str, Any]) -> dict:
+    """Perplexity on each ``ppl`` set (and, when asked, zero-shot tasks and efficiency figures) of one model."""
+    from foldgpt.evaluation import perplexity  # noqa: PLC0415
+
+    results: dict[str, Any] = {"model": loaded.source, "perplexity": {}}
+    for name in settings["ppl"]:
+        result = perplexity(loaded.model, loaded.tokenizer, name, settings["eval_seqlen"], settings["max_tokens"], settings["batch_size"])
+        results["perplexity"][name] = result.to_dict()
+    return results
+
+
+def _evaluate_into(folder: Path, loaded: LoadedModel, settings: dict[str, Any]) -> dict:
+    results = evaluate_model(loaded, settings)
+    with atomic_output_dir(folder, overwrite=True) as tmp:
+        write_json_atomic(tmp / "eval.json", results)
+    return {}
+
+
+def _analyze_into(folder: Path, loaded: LoadedModel, settings: dict[str, Any]) -> dict:
+    stats = analyze(loaded, _calibration(settings))
+    with atomic_output_dir(folder, overwrite=True) as tmp:
+        write_analysis(stats, tmp)
+    return {}
+
+
+def _prune_into(folder: Path, settings: dict[str, Any]) -> dict:
+    from foldgpt.plotting import plot_gate_history  # noqa: PLC0415
+    from foldgpt.pruning import prune  # noqa: PLC0415
+
+    loaded = load_model(settings["model"], dtype=settings["dtype"], device=settings["device"])
+    targets = {name: settings[name] for name in ("remove", "remove_ratio", "target_params", "target_flops") if settings[name] is not None}
+    result = prune(loaded, settings["method"], calibration=_calibration(settings), gate_config=_gate_config(settings), **targets)
+    with atomic_output_dir(folder, overwrite=True) as tmp:
+        save_plain_model(loaded.model, loaded.tokenizer, tmp, result.metadata)
+        if "gate_history" in result.selection.details:
+            plot_gate_history(result.selection.details["gate_history"], tmp / "gates.png", title="gate values during training")
+    return {"removed": result.metadata["removed"]}
+
+
+def _fold_into(folder: Path, pruned: Path, settings: dict[str, Any]) -> dict:
+    from foldgpt.folding import fold_model  # noqa: PLC0415
+
+    result = fold_model(_load(pruned, settings), group_size=settings["group_size"] if not settings["groups"] else None,
+                        groups=settings["groups"], parent=settings["parent"])
+    with atomic_output_dir(folder, overwrite=True) as tmp:
+        save_compact(result.loaded.model, result.loaded.tokenizer, tmp, result.metadata)
+    return {"parameters": result.report.to_dict()}
+
+
+def _heal_into(folder: Path, folded: Path, teacher: LoadedModel, settings: dict[str, Any], checkpoint: Path) -> dict:
+    from foldgpt.healing import heal  # noqa: PLC0415
+
+    result = heal(_load(folded, settings), teacher, heal_config(settings), out=folder, overwrite=True,
+                  checkpoint_dir=checkpoint, resume=(checkpoint / "checkpoint.pt").is_file())
+    return {"steps": result.metadata.get("steps_done"), "tokens": result.metadata.get("tokens_seen")}
+
+
+def _calibration(settings: dict[str, Any]):
+    from foldgpt.data import CalibrationConfig  # noqa: PLC0415
+
+    return CalibrationConfig(data=settings["calibration"], nsamples=settings["nsamples"], seqlen=settings["seqlen"], seed=settings["seed"])
+
+
+def _gate_config(settings: dict[str, Any]):
+    from foldgpt.importance.gates import GateConfig  # noqa: PLC0415
+
+    return GateConfig(steps=settings["gate_steps"], lr=settings["gate_lr"], lam=settings["gate_lambda"],
+                      lam_growth=settings["gate_lambda_growth"], t=settings["gate_t"], loss=settings["gate_loss"],
+                      micro_batch=settings["gate_micro_batch"], grad_accum=settings["gate_grad_accum"],
+                      gradient_checkpointing=settings["gradient_checkpointing"])
+
+
+def heal_config(settings: dict[str, Any]):
+    """The ``HealConfig`` of the ``heal_*`` settings (``heal_steps`` is its ``steps``, and so on)."""
+    from foldgpt.healing import HealConfig  # noqa: PLC0415
+
+    fields = {key.removeprefix("heal_"): value for key, value in settings.items() if key.startswith("heal_")}
+    fields["target_modules"] = tuple(fields["target_modules"])
+    return HealConfig(**fields)
+
+
+def _summary(out: Path, settings: dict, dense: StageResult, analysis: StageResult, pruned: StageResult, folded: StageResult,
+             last: StageResult, final: StageResult) -> dict:
+    def read(stage: StageResult, name: str) -> dict:
+        return json.loads((stage.folder / name).read_text())
+
+    fold_meta = read(folded, METADATA_FILE)
+    prune_meta = read(pruned, METADATA_FILE)
+    return {
+        "model": settings["model"],
+        "output": str(out),
+        "removed_blocks": prune_meta["removed"],
+        "method": prune_meta["method"],
+        "num_blocks": [prune_meta["num_blocks_before"], prune_meta["num_blocks_after"]],
+        "groups": fold_meta["groups"],
+        "parameters": {"dense": prune_meta["parameters_before"], "unique": fold_meta["parameters"]["unique"],
+                       "materialised": fold_meta["parameters"]["materialised"]},
+        "dense": read(dense, "eval.json"),
+        "compressed": read(final, "eval.json"),
+        "final_model": str(last.folder),
+        "stages": {s.name: {"skipped": s.skipped, "seconds": read(s, STAGE_FILE)["seconds"]}
+                   for s in (dense, analysis, pruned, folded, last, final)},
+    }
+
+
+def _write_report(out: Path, dense: StageResult, final: StageResult, summary: dict) -> None:
+    try:
+        from foldgpt.report import write_report  # noqa: PLC0415
+    except ImportError:
+        return
+    write_report([out], out / "report")
+
+
 def format_summary(summary: dict) -> str:
-    """The on-screen table of the main job."""
-    datasets = list(summary["perplexity"]["dense"])
-    header = f"{'model':<10}{'blocks':>8}{'params':>14}" + "".join(f"{name + ' ppl':>16}" for name in datasets)
+    """The on-screen table of the main job: dense against compressed."""
+    dense, compressed = summary["dense"], summary["compressed"]
+    metrics = [(f"{name} ppl", "perplexity", name) for name in dense.get("perplexity", {})]
+    metrics += [(f"{task}", "tasks", task) for task in dense.get("tasks", {})]
+    header = f"{'model':<12}{'params':>14}" + "".join(f"{label:>16}" for label, _, _ in metrics)
     rows = [header, "-" * len(header)]
-    for label, blocks in (("dense", summary["num_blocks"][0]), ("pruned", summary["num_blocks"][1])):
-        values = "".join(f"{summary['perplexity'][label][name]:>16.2f}" for name in datasets)
-        rows.append(f"{label:<10}{blocks:>8}{summary['parameters'][label]:>14,}{values}")
-    rows.append(f"method {summary['method']}: removed blocks {summary['removed']}")
-    rows.append("seconds: " + ", ".join(f"{stage} {seconds:.1f}" for stage, seconds in summary["seconds"].items()))
+    for label, results, params in (("dense", dense, summary["parameters"]["dense"]),
+                                   ("compressed", compressed, summary["parameters"]["unique"])):
+        cells = "".join(f"{_headline(results, kind, name):>16}" for _, kind, name in metrics)
+        rows.append(f"{label:<12}{params:>14,}{cells}")
+    rows.append(f"removed blocks {summary['removed_blocks']} ({summary['method']}); groups {summary['groups']}")
+    rows.append("stages: " + ", ".join(f"{name} {_stage_time(stage)}" for name, stage in summary["stages"].items()))
     return "\n".join(rows)
+
+
+def _stage_time(stage: dict) -> str:
+    return "skipped" if stage["skipped"] else f"{stage['seconds']:.0f}s"
+
+
+def _headline(results: dict, kind: str, name: str) -> str:
+    value = results.get(kind, {}).get(name)
+    if value is None:
+        return "-"
+    if kind == "perplexity":
+        return f"{value['perplexity']:.2f}"
+    return f"{value.get('acc_norm', value.get('acc')):.4f}"

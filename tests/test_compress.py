@@ -1,0 +1,137 @@
+"""The pipeline: every stage runs on a tiny model, finished stages are skipped on rerun, settings come from YAML."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+import foldgpt
+from foldgpt.cli import main
+from foldgpt.errors import FoldGPTError
+from tiny import DEPTH, save_tiny
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("models") / "tiny-llama", family="llama")
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "text.txt"
+    path.write_text("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. " * 40)
+    return path
+
+
+def quick_options(text_file) -> dict:
+    """Small settings so that every stage of the pipeline runs in seconds on the tiny model."""
+    return {
+        "method": "gates", "remove": 2, "gate_steps": 3, "calibration": str(text_file), "nsamples": 2, "seqlen": 32,
+        "group_size": 2, "heal_steps": 2, "heal_data": str(text_file), "heal_seqlen": 32, "heal_eval_windows": 1,
+        "ppl": [str(text_file)], "eval_seqlen": 64, "max_tokens": 256,
+    }
+
+
+def stage_records(out):
+    return {stage: json.loads((out / stage / "stage.json").read_text()) for stage in ("dense", "analysis", "pruned", "folded", "healed", "final")}
+
+
+def test_every_stage_runs_and_a_rerun_skips_them_all(tiny_folder, text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    summary = foldgpt.compress(str(tiny_folder), out, **quick_options(text_file))
+    assert summary["num_blocks"] == [DEPTH, DEPTH - 2] and len(summary["removed_blocks"]) == 2
+    assert summary["groups"] == [[0, 1], [2, 3]]
+    assert summary["parameters"]["unique"] < summary["parameters"]["materialised"] < summary["parameters"]["dense"]
+    assert all(not stage["skipped"] for stage in summary["stages"].values())
+    healed = foldgpt.load(str(out / "healed"))  # compact base + LoRA adapter
+    assert hasattr(healed.model, "get_base_model")
+    for name in ("dense", "compressed"):
+        assert summary[name]["perplexity"][str(text_file)]["perplexity"] > 1.0
+    assert yaml.safe_load((out / "config.yaml").read_text())["group_size"] == 2
+    first = stage_records(out)
+    capsys.readouterr()
+
+    again = foldgpt.compress(str(tiny_folder), out, **quick_options(text_file))
+    assert all(stage["skipped"] for stage in again["stages"].values())
+    assert stage_records(out) == first
+    assert again["compressed"] == summary["compressed"]
+    assert capsys.readouterr().out.count("skipped") >= 6
+
+
+def test_a_changed_setting_redoes_only_the_stages_after_it(tiny_folder, text_file, tmp_path):
+    out = tmp_path / "run"
+    foldgpt.compress(str(tiny_folder), out, **quick_options(text_file))
+    changed = foldgpt.compress(str(tiny_folder), out, **{**quick_options(text_file), "heal_steps": 3})
+    skipped = {name for name, stage in changed["stages"].items() if stage["skipped"]}
+    assert skipped == {"dense", "analysis", "pruned", "folded"}
+
+
+def test_a_run_killed_during_healing_resumes_without_redoing_earlier_stages(tiny_folder, text_file, tmp_path, monkeypatch):
+    import foldgpt.healing
+
+    out = tmp_path / "run"
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(foldgpt.healing, "heal", crash)
+    with pytest.raises(KeyboardInterrupt):
+        foldgpt.compress(str(tiny_folder), out, **quick_options(text_file))
+    assert (out / "folded" / "stage.json").is_file() and not (out / "healed").exists()
+    monkeypatch.undo()
+    summary = foldgpt.compress(str(tiny_folder), out, **quick_options(text_file))
+    skipped = {name for name, stage in summary["stages"].items() if stage["skipped"]}
+    assert skipped == {"dense", "analysis", "pruned", "folded"}
+
+
+def test_the_saved_config_reproduces_the_run_through_the_cli(tiny_folder, text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    foldgpt.compress(str(tiny_folder), out, **quick_options(text_file))
+    assert main(["compress", str(tiny_folder), "--config", str(out / "config.yaml"), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.count("skipped") >= 6
+    # the command line wins over the YAML: a different group size redoes folding onwards
+    assert main(["compress", str(tiny_folder), "--config", str(out / "config.yaml"), "--group-size", "1", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["groups"] == [[0], [1], [2], [3]] and not summary["stages"]["folded"]["skipped"]
+
+
+@pytest.mark.parametrize(
+    ("content", "phrase"),
+    [
+        ("group_sise: 2\n", "unknown setting 'group_sise'"),
+        ("group_size: two\n", "setting 'group_size' has an invalid value"),
+        ("heal_lr: [1, 2]\n", "setting 'heal_lr' has an invalid value"),
+        ("method: magic\n", "must be one of"),
+        ("- a\n- b\n", "must be a mapping"),
+        ("out: somewhere\n", "give it on the command line"),
+    ],
+)
+def test_bad_config_files_are_one_line_errors(tiny_folder, tmp_path, capsys, content, phrase):
+    config = tmp_path / "bad.yaml"
+    config.write_text(content)
+    assert main(["compress", str(tiny_folder), "--config", str(config), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("foldgpt: error:") == 1 and phrase in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_python_keywords_are_checked_like_the_cli(tiny_folder, tmp_path):
+    with pytest.raises(FoldGPTError, match="unknown setting 'groupsize'"):
+        foldgpt.compress(str(tiny_folder), tmp_path / "o", groupsize=2)
+    with pytest.raises(FoldGPTError, match="not written by foldgpt compress"):
+        (tmp_path / "other").mkdir()
+        (tmp_path / "other" / "file.txt").write_text("user data")
+        foldgpt.compress(str(tiny_folder), tmp_path / "other", remove=1)
+
+
+def test_healing_can_be_switched_off(tiny_folder, text_file, tmp_path):
+    summary = foldgpt.compress(str(tiny_folder), tmp_path / "run", **{**quick_options(text_file), "heal_steps": 0, "group_size": 1})
+    assert "healed" not in summary["stages"] and summary["final_model"].endswith("folded")
+    folded = foldgpt.load(str(tmp_path / "run" / "folded")).model
+    pruned = foldgpt.load(str(tmp_path / "run" / "pruned")).model
+    folded.set_attn_implementation("eager")
+    pruned.set_attn_implementation("eager")
+    ids = torch.randint(3, 100, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(folded(ids).logits, pruned(ids).logits)  # G=1 is the pruned model itself
