@@ -204,6 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_heal_options(heal)
     heal.set_defaults(handler=run_heal)
 
+    report = commands.add_parser("report", help="compare models side by side: report.md, report.json and figures",
+                                 description="Read foldgpt compress output folders (dense and compressed model each) and/or "
+                                 "JSON files from 'foldgpt eval --out', and write OUT/report.md and OUT/report.json: parameters, "
+                                 "perplexities, task accuracies and their average, retention against the dense model, speed; "
+                                 "plus perplexity_vs_parameters.png and each run's similarity heatmap and gate trajectory.")
+    report.add_argument("inputs", nargs="+", metavar="RUN_OR_JSON", help="compress output folders or eval JSON files")
+    _add_output(report, "report.md, report.json and the PNG figures")
+    report.set_defaults(handler=run_report)
+
     compress = commands.add_parser("compress", help="the whole pipeline: analysis, removal, sharing, healing, evaluation",
                                    description="Run FoldGPT end to end: dense evaluation -> analysis -> block removal -> grouped "
                                    "sharing -> healing -> evaluation, writing DIR/<stage>/ for each stage, DIR/config.yaml (the "
@@ -292,6 +301,19 @@ def run_eval(args: argparse.Namespace) -> None:
         print(f"{result.dataset}: perplexity {result.perplexity:.3f} ({result.tokens} tokens, seqlen {result.seqlen}, {result.seconds:.1f}s)")
     if args.out:
         write_json_atomic(Path(args.out), {"model": loaded.source, "perplexity": {r.dataset: r.to_dict() for r in results}})
+
+
+def run_report(args: argparse.Namespace) -> None:
+    from foldgpt.artifacts import check_output_free  # noqa: PLC0415
+    from foldgpt.report import collect_rows, report_table, write_report  # noqa: PLC0415
+
+    check_output_free(Path(args.out), args.overwrite)
+    write_report(args.inputs, args.out, overwrite=args.overwrite)
+    header, cells = report_table(collect_rows([Path(source) for source in args.inputs]))
+    widths = [max(len(header[i]), *(len(line[i]) for line in cells)) for i in range(len(header))]
+    for line in [header, *cells]:
+        print("  ".join(cell.rjust(width) for cell, width in zip(line, widths)))
+    print(f"wrote {args.out}/report.md and report.json")
 
 
 def run_compress(args: argparse.Namespace) -> None:
@@ -462,8 +484,10 @@ def run_heal(args: argparse.Namespace) -> None:
     print(f"healed {meta['steps_done']} steps, {meta['tokens_seen']:,} tokens in {meta['train_seconds']:.0f}s "
           f"({meta['tokens_per_second'] or 0:.0f} tokens/s); trainable: {meta['trainable_parameters']['lora']:,} LoRA + "
           f"{meta['trainable_parameters']['norms']:,} norm parameters")
-    print(f"held-out: KL {first['kl']:.4f} -> {last['kl']:.4f}, tail {first['tail']:.4f} -> {last['tail']:.4f}, "
-          f"perplexity {first['ppl']:.2f} -> {last['ppl']:.2f}; wrote {args.out}" + (f" and {args.out}/plain" if args.plain else ""))
+    if "kl" in first:
+        print(f"held-out: KL {first['kl']:.4f} -> {last['kl']:.4f}, tail {first['tail']:.4f} -> {last['tail']:.4f}, "
+              f"perplexity {first['ppl']:.2f} -> {last['ppl']:.2f}")
+    print(f"wrote {args.out}" + (f" and {args.out}/plain" if args.plain else ""))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -122,7 +122,7 @@ def run_pipeline(settings: dict[str, Any], out: str | Path, overwrite: bool = Fa
     final = run_stage(out, "final", settings, last.key, lambda folder: _evaluate_into(folder, _load(last.folder, settings), settings))
     summary = _summary(out, settings, dense, analysis, pruned, folded, last, final)
     write_json_atomic(out / SUMMARY_FILE, summary)
-    _write_report(out, dense, final, summary)
+    _write_report(out)
     print(format_summary(summary))
     return summary
 
@@ -244,11 +244,9 @@ def _summary(out: Path, settings: dict, dense: StageResult, analysis: StageResul
     }
 
 
-def _write_report(out: Path, dense: StageResult, final: StageResult, summary: dict) -> None:
-    try:
-        from foldgpt.report import write_report  # noqa: PLC0415
-    except ImportError:
-        return
+def _write_report(out: Path) -> None:
+    from foldgpt.report import write_report  # noqa: PLC0415
+
     write_report([out], out / "report")
 
 

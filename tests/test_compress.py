@@ -49,6 +49,7 @@ def test_every_stage_runs_and_a_rerun_skips_them_all(tiny_folder, text_file, tmp
     for name in ("dense", "compressed"):
         assert summary[name]["perplexity"][str(text_file)]["perplexity"] > 1.0
     assert yaml.safe_load((out / "config.yaml").read_text())["group_size"] == 2
+    assert "| run |" in (out / "report" / "report.md").read_text()
     first = stage_records(out)
     capsys.readouterr()
 
