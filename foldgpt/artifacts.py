@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from foldgpt.errors import FoldGPTError
+from foldgpt.manifest import write_manifest
 
 METADATA_FILE = "foldgpt.json"
 
@@ -32,13 +33,14 @@ def check_output_free(out: Path, overwrite: bool) -> None:
 
 @contextmanager
 def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder; on success it becomes ``out``, on any error it is deleted."""
+    """Yield a temporary folder; on success it gets its ``manifest.json`` and becomes ``out``; on any error it is deleted."""
     out = Path(out)
     check_output_free(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        write_manifest(tmp)
         os.chmod(tmp, 0o755)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()

@@ -213,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output(report, "report.md, report.json and the PNG figures")
     report.set_defaults(handler=run_report)
 
+    verify = commands.add_parser("verify", help="check an output folder against its manifest (checksums of every file)",
+                                 description="Recompute the SHA-256 of every file listed in DIR/manifest.json (written with every "
+                                 "foldgpt output folder) and report changed or missing files; exit status 0 when all match.")
+    verify.add_argument("folder", metavar="DIR", help="a folder written by foldgpt (prune, fold, export, heal, analyze, report, a compress stage)")
+    verify.set_defaults(handler=run_verify)
+
     compress = commands.add_parser("compress", help="the whole pipeline: analysis, removal, sharing, healing, evaluation",
                                    description="Run FoldGPT end to end: dense evaluation -> analysis -> block removal -> grouped "
                                    "sharing -> healing -> evaluation, writing DIR/<stage>/ for each stage, DIR/config.yaml (the "
@@ -314,6 +320,18 @@ def run_report(args: argparse.Namespace) -> None:
     for line in [header, *cells]:
         print("  ".join(cell.rjust(width) for cell, width in zip(line, widths)))
     print(f"wrote {args.out}/report.md and report.json")
+
+
+def run_verify(args: argparse.Namespace) -> None:
+    from foldgpt.manifest import verify  # noqa: PLC0415
+
+    result = verify(args.folder)
+    for name in result.extra:
+        print(f"note: {name} is not in the manifest (added after the folder was written)")
+    if not result.ok:
+        problems = [f"{name} changed" for name in result.changed] + [f"{name} missing" for name in result.missing]
+        raise FoldGPTError(f"'{args.folder}' does not match its manifest: {', '.join(problems)}; re-create or re-copy the folder")
+    print(f"{args.folder}: all {result.checked} files match the manifest")
 
 
 def run_compress(args: argparse.Namespace) -> None:
