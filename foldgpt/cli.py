@@ -27,6 +27,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more")
+    return value
+
+
 def dataset_list(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     if not names:
@@ -163,11 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output(prune, "the pruned model")
     prune.set_defaults(handler=run_prune)
 
-    evaluate = commands.add_parser("eval", help="perplexity on WikiText-2 / PTB with the pruning papers' protocol",
+    evaluate = commands.add_parser("eval", help="perplexity (WikiText-2 / PTB), zero-shot tasks (lm-eval) and efficiency figures",
                                    description="Perplexity with the protocol of the pruning papers: the test split tokenised as one "
-                                   "text, non-overlapping windows of --seqlen tokens, exp(mean next-token NLL).")
+                                   "text, non-overlapping windows of --seqlen tokens, exp(mean next-token NLL). With --tasks: "
+                                   "lm-evaluation-harness tasks, offline (--batch-size is then requests per forward pass); with "
+                                   "--efficiency: size, FLOPs, speed and memory. Perplexity runs by default only without those two.")
     _add_model(evaluate)
     _add_ppl(evaluate, seqlen=2048, max_tokens=None)
+    evaluate.set_defaults(ppl=None)  # perplexity runs when --ppl is given, or when no --tasks / --efficiency is
+    _add_task_options(evaluate)
     evaluate.add_argument("--out", metavar="FILE.json", help="also write the results as JSON")
     evaluate.set_defaults(handler=run_eval)
 
@@ -301,12 +312,51 @@ def run_eval(args: argparse.Namespace) -> None:
     from foldgpt.artifacts import write_json_atomic  # noqa: PLC0415
     from foldgpt.evaluation import perplexity  # noqa: PLC0415
 
+    ppl = args.ppl if args.ppl is not None else ([] if args.tasks or args.efficiency else ["wikitext2", "ptb"])
+    manager = None
+    if args.tasks:  # resolve the tasks (names, data files) before loading the model, so bad input fails fast
+        from foldgpt.lm_tasks import task_manager  # noqa: PLC0415
+
+        manager = task_manager(args.tasks, include_path=args.include_path)
     loaded = _load(args)
-    results = [perplexity(loaded.model, loaded.tokenizer, name, args.eval_seqlen, args.max_tokens, args.batch_size) for name in args.ppl]
+    results = [perplexity(loaded.model, loaded.tokenizer, name, args.eval_seqlen, args.max_tokens, args.batch_size) for name in ppl]
     for result in results:
         print(f"{result.dataset}: perplexity {result.perplexity:.3f} ({result.tokens} tokens, seqlen {result.seqlen}, {result.seconds:.1f}s)")
+    payload: dict = {"model": loaded.source, "perplexity": {r.dataset: r.to_dict() for r in results}}
+    if args.tasks:
+        from foldgpt.lm_tasks import evaluate_tasks, format_table  # noqa: PLC0415
+
+        tasks = evaluate_tasks(loaded.model, loaded.tokenizer, args.tasks, limit=args.limit, num_fewshot=args.num_fewshot,
+                               batch_size=args.batch_size, include_path=args.include_path, manager=manager)
+        print(format_table(tasks))
+        payload["tasks"] = tasks.to_dict()
+    if args.efficiency:
+        from foldgpt.efficiency import format_report, measure_efficiency  # noqa: PLC0415
+
+        report = measure_efficiency(loaded.model, loaded.source, prefill_tokens=args.prefill_tokens, decode_tokens=args.decode_tokens)
+        print(format_report(report))
+        payload["efficiency"] = report.to_dict()
     if args.out:
-        write_json_atomic(Path(args.out), {"model": loaded.source, "perplexity": {r.dataset: r.to_dict() for r in results}})
+        write_json_atomic(Path(args.out), payload)
+
+
+def _add_task_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("tasks (lm-evaluation-harness, offline)")
+    group.add_argument("--tasks", type=dataset_list, metavar="TASKS",
+                       help="comma-separated lm-eval tasks: piqa, arc_easy, arc_challenge, boolq, winogrande (shipped, read from "
+                       "--data-dir), any other lm-eval task whose data is in the Hugging Face cache, or a task YAML file; "
+                       "prints task, metric, value, stderr (acc and acc_norm as the harness reports them)")
+    group.add_argument("--limit", type=positive_int, help="score only the first N documents of each task, for quick runs")
+    group.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples per prompt (default: 0)")
+    group.add_argument("--include-path", action="append", metavar="DIR",
+                       help="a folder of your own lm-eval task YAMLs (e.g. hellaswag with dataset_path: json and local "
+                       "data_files); they override tasks of the same name; repeatable")
+    group = parser.add_argument_group("efficiency")
+    group.add_argument("--efficiency", action="store_true",
+                       help="also measure parameters (total, unique), weight bytes on disk, FLOPs per token, prefill and decode "
+                       "throughput and latency, and peak memory on --device")
+    group.add_argument("--prefill-tokens", type=positive_int, default=256, help="prompt length of the timing runs (default: 256)")
+    group.add_argument("--decode-tokens", type=positive_int, default=32, help="greedy one-token steps with the KV cache (default: 32)")
 
 
 def run_report(args: argparse.Namespace) -> None:
@@ -392,7 +442,7 @@ def _add_heal_pipeline_options(parser: argparse.ArgumentParser) -> None:
         shown = ",".join(default) if isinstance(default, tuple) else default
         kwargs: dict = {"default": default, "help": f"{text} (default: {shown})", "dest": f"heal_{field.name}"}
         if field.name == "steps":
-            kwargs["type"] = int
+            kwargs["type"] = non_negative_int
         elif isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, tuple):
