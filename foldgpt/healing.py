@@ -576,7 +576,9 @@ def heal(
         model.train()
         progress = stack.enter_context(tqdm(total=total, initial=start_step, desc="heal", leave=False, dynamic_ncols=True))
         for step in range(start_step + 1, total + 1):
+            step_start = time.perf_counter()
             record = _train_step(model, params, optimizer, teacher_outputs, train_windows, schedule, step, config, device)
+            record["seconds"] = time.perf_counter() - step_start
             history.append(record)
             elapsed = time.perf_counter() - run_start
             rate = (step - start_step) * config.tokens_per_step / max(elapsed, 1e-9)

@@ -3,6 +3,7 @@ and the saved compact folder loads back to the same logits."""
 
 import copy
 import json
+import signal
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import foldgpt
+from foldgpt import healing
 from foldgpt.cli import main
 from foldgpt.errors import FoldGPTError
 from foldgpt.healing import HealConfig, WindowSchedule, heal, learning_rate, norm_parameters, tail_loss
@@ -126,6 +128,32 @@ def test_resume_after_an_interruption_gives_the_same_weights_as_an_uninterrupted
     for name, parameter in resumed.loaded.model.named_parameters():
         assert torch.equal(parameter, full_params[name]), name
     assert resumed.metadata["resumed_from_step"] == 4
+
+
+def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resume_completes_the_same_run(text_file, tmp_path, monkeypatch):
+    settings = config(text_file, steps=4)
+    student, teacher = teacher_and_student("llama")
+    full = heal(student, teacher, settings)
+
+    original = healing._train_step
+
+    def step_then_ctrl_c(*args, **kwargs):
+        record = original(*args, **kwargs)
+        if record["step"] == 2:
+            signal.raise_signal(signal.SIGINT)  # as if the user pressed Ctrl-C during step 2
+        return record
+
+    monkeypatch.setattr(healing, "_train_step", step_then_ctrl_c)
+    student, teacher = teacher_and_student("llama")
+    with pytest.raises(KeyboardInterrupt):
+        heal(student, teacher, settings, out=tmp_path / "healed")
+    assert not (tmp_path / "healed").exists()
+    assert torch.load(tmp_path / "healed.checkpoint" / "checkpoint.pt", weights_only=False)["step"] == 2
+    monkeypatch.setattr(healing, "_train_step", original)
+    student, teacher = teacher_and_student("llama")
+    resumed = heal(student, teacher, settings, out=tmp_path / "healed", resume=True)
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in full.history]
+    assert (tmp_path / "healed" / "adapter").is_dir() and not (tmp_path / "healed.checkpoint").exists()
 
 
 def test_resume_refuses_a_checkpoint_written_with_other_settings(text_file, tmp_path):
