@@ -6,8 +6,9 @@ forward FLOPs per token). Every selection method takes every target: the target 
 method decides which. That is exact for the families we support, whose blocks all have the same size; a model with
 blocks of different sizes is refused for the budget targets.
 
-FLOPs per token at context length ``c`` count 2 per multiply-accumulate: ``2 * (weights of every nn.Linear, lm_head
-included)`` plus, per block, ``4 * c * (attention heads * head dim)`` for the attention scores and the weighted sum.
+FLOPs per token at context length ``c`` count 2 per multiply-accumulate: ``2 * (weights of every nn.Linear or GPT-2
+Conv1D, lm_head included)`` plus, per block, ``4 * c * (attention heads * head dim)`` for the attention scores and the
+weighted sum.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from transformers import PreTrainedModel
 
 from foldgpt.errors import FoldGPTError
 from foldgpt.models import adapter_for
+from foldgpt.models.adapters import LINEAR_TYPES
 from foldgpt.removal import blocks_to_remove_count, count_parameters
 
 
@@ -38,7 +40,7 @@ class RemovalTarget:
 
 
 def linear_weights(module: nn.Module) -> int:
-    return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, LINEAR_TYPES))
 
 
 def block_flops_per_token(model: PreTrainedModel, context: int) -> list[int]:

@@ -1,10 +1,10 @@
 """Grouped parameter sharing (FoldGPT section 3): blocks in a group use the parent's linear weights.
 
 The retained blocks, in order, are cut into contiguous groups; in each group one *parent* lends its linear weights
-(every ``nn.Linear`` weight and bias in the block) to the other blocks, the *children*. Sharing is by ``nn.Parameter``:
-each position keeps its own module objects, its own ``layer_idx`` (the KV cache needs one slot per position) and its
-own norm weights (re-adapted during healing), as peft's ``replicate_layers`` does. Putting one module object at two
-positions would make both write the same KV-cache slot.
+(every ``nn.Linear`` or GPT-2 ``Conv1D`` weight and bias in the block) to the other blocks, the *children*. Sharing
+is by ``nn.Parameter``: each position keeps its own module objects, its own ``layer_idx`` (the KV cache needs one slot
+per position) and its own norm weights (re-adapted during healing), as peft's ``replicate_layers`` does. Putting one
+module object at two positions would make both write the same KV-cache slot.
 
 The group map lives in ``config.foldgpt_sharing`` so that a saved compact folder knows how to rebuild the sharing.
 """
@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 
 from foldgpt.errors import FoldGPTError
 from foldgpt.models import adapter_for
+from foldgpt.models.adapters import LINEAR_TYPES
 
 CONFIG_KEY = "foldgpt_sharing"
 PARENT_RULES = ("first", "middle", "largest-gate")
@@ -121,9 +122,9 @@ def apply_plan(model: PreTrainedModel, plan: SharingPlan) -> None:
 
 
 def share_linear_weights(parent: nn.Module, child: nn.Module) -> None:
-    """Point every ``nn.Linear`` weight and bias of ``child`` at the matching Parameter of ``parent``."""
+    """Point every linear layer's (``nn.Linear``, ``Conv1D``) weight and bias of ``child`` at ``parent``'s Parameter."""
     for name, source in parent.named_modules():
-        if not isinstance(source, nn.Linear):
+        if not isinstance(source, LINEAR_TYPES):
             continue
         target = child.get_submodule(name)
         if target.weight.shape != source.weight.shape:

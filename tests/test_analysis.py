@@ -8,15 +8,25 @@ import torch
 
 from foldgpt.analysis import redundancy_stats
 from foldgpt.evaluation import windows_perplexity
-from foldgpt.importance import select_blocks
+from foldgpt.importance import METHODS, select_blocks
+from foldgpt.importance.base import select_blocks_with
+from foldgpt.importance.gates import GateConfig, select_by_gates_with
+from foldgpt.models import adapter_for
 from foldgpt.removal import remove_blocks
-from tiny import DEPTH, identity_block_model, random_ids, tiny_model
+from tiny import DEPTH, FAMILIES, identity_block_model, random_ids, tiny_model
+
+
+def final_norm(model):
+    """The normalisation after the last block: the model's one norm module outside the decoder blocks."""
+    in_blocks = {id(m) for m in adapter_for(model).layers(model).modules()}
+    (norm,) = [m for m in model.modules() if type(m).__name__.endswith("Norm") and id(m) not in in_blocks]
+    return norm
 
 
 def direct_block_states(model, ids):
     """Block inputs from output_hidden_states, and the last block's output from the final norm's input."""
     captured = {}
-    handle = model.model.norm.register_forward_pre_hook(lambda module, args: captured.setdefault("last", args[0]))
+    handle = final_norm(model).register_forward_pre_hook(lambda module, args: captured.setdefault("last", args[0]))
     with torch.no_grad():
         hidden = model(ids, output_hidden_states=True).hidden_states
     handle.remove()
@@ -29,7 +39,7 @@ def cosine(a, b):
     return float(torch.dot(a, b) / (a.norm() * b.norm()))
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_block_influence_and_similarity_equal_direct_computation(family):
     model = tiny_model(family)
     ids = random_ids(batch=3, length=10)
@@ -57,6 +67,23 @@ def test_identity_blocks_have_zero_influence_and_are_removed_first_by_bi():
     assert stats.block_influence[4] == pytest.approx(0.0, abs=1e-6)
     assert min(stats.block_influence[i] for i in (0, 1, 3, 5)) > 1e-3
     assert select_blocks("bi", model, ids, 2).removed == [2, 4]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_method_runs_on_every_family_and_block_influence_finds_its_identity_blocks(family):
+    model = identity_block_model([2, 4], family)  # zeroed attention and MLP output projections
+    ids = random_ids(batch=2, length=16)
+    influence = redundancy_stats(model, ids).block_influence
+    assert influence[2] == pytest.approx(0.0, abs=1e-6) and influence[4] == pytest.approx(0.0, abs=1e-6)
+    assert min(influence[i] for i in (0, 1, 3, 5)) > 1e-3
+    for method in sorted(METHODS):
+        if method == "gates":  # a few steps: this checks the gate hooks and FLOPs weights work, not where gates go
+            selection = select_blocks_with(select_by_gates_with(GateConfig(steps=2)), method, model, ids, 2, 0)
+        else:
+            selection = select_blocks(method, model, ids, 2)
+        assert len(selection.removed) == 2 and all(0 <= i < DEPTH for i in selection.removed), method
+        if method == "bi":
+            assert selection.removed == [2, 4]
 
 
 def test_sleb_greedily_takes_the_removal_with_the_lowest_calibration_perplexity():

@@ -6,6 +6,7 @@ from torch import nn
 
 from foldgpt.budget import RemovalTarget, block_flops_per_token, blocks_to_remove, model_flops_per_token
 from foldgpt.errors import FoldGPTError
+from foldgpt.importance.gates import block_flops_weights
 from foldgpt.removal import count_parameters
 from tiny import DEPTH, tiny_model
 
@@ -17,6 +18,20 @@ def test_flops_per_token_match_a_hand_count():
     model = tiny_model("llama")
     assert block_flops_per_token(model, context=100) == [2 * LINEAR_WEIGHTS_PER_BLOCK + 4 * 100 * 32] * DEPTH
     assert model_flops_per_token(model, context=100) == DEPTH * (2 * LINEAR_WEIGHTS_PER_BLOCK + 4 * 100 * 32) + 2 * 128 * 32
+
+
+@pytest.mark.parametrize(
+    ("family", "linear_weights"),
+    [
+        ("gpt2", 32 * 3 * 32 + 32 * 32 + 2 * (32 * 64)),  # GPT-2's Conv1D layers: c_attn (fused q, k, v), c_proj, c_fc, c_proj
+        ("phi3", 32 * 64 + 32 * 32 + 32 * 2 * 64 + 64 * 32),  # fused qkv_proj (4 + 2 * 2 heads of 8) and gate_up_proj
+        ("opt", 4 * 32 * 32 + 2 * (32 * 64)),  # q, k, v, out_proj; fc1, fc2 on the block itself
+    ],
+)
+def test_flops_count_every_projection_of_other_families(family, linear_weights):
+    model = tiny_model(family)
+    assert block_flops_per_token(model, context=100) == [2 * linear_weights + 4 * 100 * 32] * DEPTH
+    assert block_flops_weights(model).tolist() == pytest.approx([1 / DEPTH] * DEPTH)  # the gates' FLOPs shares
 
 
 @pytest.mark.parametrize("fraction", [0.95, 0.8, 0.6, 0.45])

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, BloomConfig, BloomForCausalLM
 
 from foldgpt.cli import build_parser, main
 from tiny import DEPTH, save_tiny
@@ -113,9 +113,9 @@ def test_missing_model_path(capsys, tmp_path):
 
 
 def test_unsupported_architecture_lists_the_supported_ones(capsys, tmp_path):
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
-    code, _, err = run_cli(capsys, "analyze", tmp_path / "gpt2", "--out", tmp_path / "o")
-    assert_one_line_error(code, err, "'gpt2' is not supported", "llama", "gemma3_text")
+    BloomForCausalLM(BloomConfig(n_layer=2, hidden_size=16, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "bloom")
+    code, _, err = run_cli(capsys, "analyze", tmp_path / "bloom", "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "'bloom' is not supported", "llama", "gemma3_text", "phi3", "opt", "gpt2", "gpt_neox")
     assert not (tmp_path / "o").exists()
 
 

@@ -1,6 +1,7 @@
 """Removing blocks must give exactly the smaller model of the same architecture (DESIGN.md pitfalls)."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from foldgpt.errors import FoldGPTError
 from foldgpt.models import adapter_for
+from foldgpt.models.adapters import LINEAR_TYPES
 from foldgpt.removal import blocks_removed_temporarily, blocks_to_remove_count, remove_blocks, validate_removed
 from tiny import DEPTH, FAMILIES, random_ids, tiny_model
 
@@ -22,14 +24,14 @@ def fresh_smaller_model(original):
     if getattr(config, "layer_types", None) is not None:
         config.layer_types = [config.layer_types[i] for i in KEPT]
     reference = AutoModelForCausalLM.from_config(config).eval()
+    prefix = adapter_for(original).layers_path + "."
     state = {}
     for name, tensor in original.state_dict().items():
-        if ".layers." in name:
-            prefix, rest = name.split(".layers.", 1)
-            index, suffix = rest.split(".", 1)
+        if name.startswith(prefix):
+            index, suffix = name.removeprefix(prefix).split(".", 1)
             if int(index) not in KEPT:
                 continue
-            name = f"{prefix}.layers.{KEPT.index(int(index))}.{suffix}"
+            name = f"{prefix}{KEPT.index(int(index))}.{suffix}"
         state[name] = tensor
     reference.load_state_dict(state, strict=True)
     return reference
@@ -44,11 +46,24 @@ def test_removal_equals_fresh_model_built_with_new_depth(family):
     with torch.no_grad():
         assert torch.equal(pruned(ids).logits, reference(ids).logits)
     assert pruned.config.num_hidden_layers == len(KEPT)
-    layers = adapter_for(pruned).layers(pruned)
-    assert [layer.self_attn.layer_idx for layer in layers] == list(range(len(KEPT)))
+    adapter = adapter_for(pruned)
+    assert [adapter.attention_module(layer).layer_idx for layer in adapter.layers(pruned)] == list(range(len(KEPT)))
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3", "qwen2"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_adapter_names_the_parts_of_every_block(family):
+    model = tiny_model(family)
+    adapter = adapter_for(model)
+    for index, block in enumerate(adapter.layers(model)):
+        assert adapter.attention_module(block).layer_idx == index
+        assert all(isinstance(norm, torch.nn.Module) for norm in adapter.block_norms(block))
+        assert isinstance(adapter.attention_output_layer(block), LINEAR_TYPES)
+        assert isinstance(adapter.mlp_output_layer(block), LINEAR_TYPES)
+        linear_names = {name.rsplit(".", 1)[-1] for name, module in block.named_modules() if isinstance(module, LINEAR_TYPES)}
+        assert linear_names == set(adapter.lora_targets)  # healing's default adapts every projection of the block
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "qwen2", "phi3", "opt", "gpt2", "gpt_neox"])
 def test_greedy_generation_with_kv_cache_matches_fresh_model(family):
     original = tiny_model(family)
     reference = fresh_smaller_model(original)
@@ -63,6 +78,13 @@ def test_greedy_generation_with_kv_cache_matches_fresh_model(family):
     assert torch.equal(with_cache, without_cache)
 
 
+def test_gpt2_with_attention_scaled_by_block_position_is_refused():
+    config = FAMILIES["gpt2"]()
+    config.scale_attn_by_inverse_layer_idx = True
+    with pytest.raises(FoldGPTError, match="scale_attn_by_inverse_layer_idx=True"):
+        adapter_for(config)
+
+
 def test_gemma3_layer_types_follow_the_kept_blocks():
     model = tiny_model("gemma3")
     before = list(model.config.layer_types)
@@ -72,7 +94,7 @@ def test_gemma3_layer_types_follow_the_kept_blocks():
     assert attention_types == model.config.layer_types
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
 def test_pruned_folder_reloads_with_vanilla_transformers_to_identical_logits(family, tmp_path):
     pruned = remove_blocks(tiny_model(family), REMOVED)
     pruned.save_pretrained(tmp_path)
@@ -82,6 +104,8 @@ def test_pruned_folder_reloads_with_vanilla_transformers_to_identical_logits(fam
         assert torch.equal(reloaded(ids).logits, pruned(ids).logits)
     assert reloaded.config.num_hidden_layers == len(KEPT)
     assert getattr(reloaded.config, "layer_types", None) == getattr(pruned.config, "layer_types", None)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved.get("num_hidden_layers", saved.get("n_layer")) == len(KEPT)  # GPT-2 calls it n_layer
 
 
 def test_temporary_removal_restores_the_model_exactly():

@@ -10,10 +10,11 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from foldgpt.cli import main
 from foldgpt.errors import FoldGPTError
 from foldgpt.folding import export_plain, fold_model, folder_weight_bytes
-from foldgpt.models import load_model
+from foldgpt.models import adapter_for, load_model
 from foldgpt.models.compact import WEIGHTS_FILE
 from foldgpt.models.loading import LoadedModel
 from foldgpt.pruning import prune
+from foldgpt.removal import remove_blocks
 from foldgpt.sharing import choose_parents, contiguous_groups, parse_groups
 
 
@@ -61,8 +62,15 @@ def test_compact_and_plain_folders_reload_to_the_folded_models_logits(family, tm
     compact = load_model(str(tmp_path / "compact"))
     eager(compact.model)
     assert torch.equal(logits(compact.model, ids), expected)
-    layers = compact.model.model.layers
-    assert layers[1].self_attn.k_proj.weight is layers[0].self_attn.k_proj.weight
+    adapter = adapter_for(compact.model)
+    layers = adapter.layers(compact.model)
+    for output_layer in (adapter.attention_output_layer, adapter.mlp_output_layer):
+        assert output_layer(layers[1]).weight is output_layer(layers[0]).weight
+        assert output_layer(layers[2]).weight is not output_layer(layers[0]).weight
+        if output_layer(layers[0]).bias is not None:
+            assert output_layer(layers[1]).bias is output_layer(layers[0]).bias
+    for norm, parent_norm in zip(adapter.block_norms(layers[1]), adapter.block_norms(layers[0])):
+        assert norm.weight is not parent_norm.weight
 
     export_plain(compact, tmp_path / "plain")
     vanilla = eager(AutoModelForCausalLM.from_pretrained(tmp_path / "plain"))
@@ -73,7 +81,7 @@ def test_compact_and_plain_folders_reload_to_the_folded_models_logits(family, tm
         assert vanilla.config.layer_types == loaded.model.config.layer_types
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2", "opt"])
 def test_greedy_generation_with_kv_cache_is_identical_across_folded_compact_and_plain(family, tmp_path):
     loaded = loaded_tiny(family)
     fold_model(loaded, group_size=2, out=tmp_path / "compact")
@@ -87,6 +95,23 @@ def test_greedy_generation_with_kv_cache_is_identical_across_folded_compact_and_
     assert torch.equal(loaded.model.generate(prompt, use_cache=False, **settings), reference)
     assert torch.equal(compact.model.generate(prompt, use_cache=True, **settings), reference)
     assert torch.equal(vanilla.generate(prompt, use_cache=True, **settings), reference)
+
+
+def test_opt_with_post_layer_norm_and_projected_embeddings_prunes_folds_and_exports_exactly(tmp_path):
+    # OPT-350m's layout: each block normalises after its residual additions, no final norm, embeddings of 16 projected
+    config = FAMILIES["opt"]()
+    config.do_layer_norm_before, config.word_embed_proj_dim = False, 16
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    loaded = LoadedModel(remove_blocks(model, [1, 3]), tiny_tokenizer(), "tiny-opt-post-ln")
+    fold_model(loaded, group_size=2, out=tmp_path / "compact")
+    ids = random_ids()
+    expected = logits(loaded.model, ids)
+    compact = load_model(str(tmp_path / "compact"))
+    assert torch.equal(logits(eager(compact.model), ids), expected)
+    export_plain(compact, tmp_path / "plain")
+    vanilla = eager(AutoModelForCausalLM.from_pretrained(tmp_path / "plain"))
+    assert torch.equal(logits(vanilla, ids), expected) and vanilla.config.num_hidden_layers == DEPTH - 2
 
 
 def test_group_size_one_changes_nothing(tmp_path):

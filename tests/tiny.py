@@ -11,13 +11,19 @@ from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
     Gemma3TextConfig,
+    GPT2Config,
+    GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
+    OPTConfig,
+    Phi3Config,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
 )
+
+from foldgpt.models import adapter_for
 
 VOCAB = 128
 DEPTH = 6
@@ -37,6 +43,8 @@ _COMMON = dict(
 )
 # sliding and full layers interleaved, with a window short enough to matter on test sequences
 _LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention"] * (DEPTH // 3)
+# the same sizes for the families whose configs name them differently (GPT-2: n_embd, ...; OPT: ffn_dim); no dropout
+_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False}
 
 FAMILIES = {
     "llama": lambda: LlamaConfig(**_COMMON),
@@ -45,6 +53,14 @@ FAMILIES = {
     "qwen3": lambda: Qwen3Config(**_COMMON),
     "gemma2": lambda: Gemma2Config(**_COMMON, sliding_window=4, layer_types=_LAYER_TYPES),
     "gemma3": lambda: Gemma3TextConfig(**_COMMON, sliding_window=4, layer_types=_LAYER_TYPES),
+    "phi3": lambda: Phi3Config(**_COMMON),
+    "opt": lambda: OPTConfig(vocab_size=VOCAB, hidden_size=32, word_embed_proj_dim=32, ffn_dim=64, num_hidden_layers=DEPTH,
+                             num_attention_heads=4, max_position_embeddings=256, dropout=0.0, **_IDS),
+    "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=32, n_inner=64, n_layer=DEPTH, n_head=4, n_positions=256,
+                               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **_IDS),
+    # parallel residual (the default): the attention and the MLP both read the block's input
+    "gpt_neox": lambda: GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=DEPTH,
+                                      num_attention_heads=4, max_position_embeddings=256, **_IDS),
 }
 
 
@@ -61,13 +77,16 @@ def tiny_model(family: str = "llama", seed: int = 0) -> PreTrainedModel:
     return model.eval()
 
 
-def identity_block_model(identity_blocks: list[int]) -> PreTrainedModel:
-    """A tiny Llama whose given blocks add nothing to the residual stream (zeroed output projections)."""
-    model = tiny_model("llama")
+def identity_block_model(identity_blocks: list[int], family: str = "llama") -> PreTrainedModel:
+    """A tiny model whose given blocks add nothing to the residual stream (zeroed output projections and biases)."""
+    model = tiny_model(family)
+    adapter = adapter_for(model)
+    layers = adapter.layers(model)
     with torch.no_grad():
         for index in identity_blocks:
-            model.model.layers[index].self_attn.o_proj.weight.zero_()
-            model.model.layers[index].mlp.down_proj.weight.zero_()
+            for output in (adapter.attention_output_layer(layers[index]), adapter.mlp_output_layer(layers[index])):
+                for parameter in output.parameters():
+                    parameter.zero_()
     return model
 
 

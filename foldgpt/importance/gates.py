@@ -27,6 +27,7 @@ from transformers import PreTrainedModel
 from foldgpt.errors import FoldGPTError
 from foldgpt.importance.base import Selection, SelectionMethod, register
 from foldgpt.models import adapter_for
+from foldgpt.models.adapters import LINEAR_TYPES
 
 LOSSES = ("kl", "lm")
 
@@ -149,11 +150,11 @@ def block_flops_weights(model: PreTrainedModel) -> torch.Tensor:
     """
     layers = adapter_for(model).layers(model)
     counts = torch.tensor(
-        [sum(m.weight.numel() for m in layer.modules() if isinstance(m, nn.Linear)) for layer in layers],
+        [sum(m.weight.numel() for m in layer.modules() if isinstance(m, LINEAR_TYPES)) for layer in layers],
         dtype=torch.float64,
     )
     if counts.sum() == 0:
-        raise FoldGPTError("cannot weigh blocks by FLOPs: the decoder blocks contain no nn.Linear layers")
+        raise FoldGPTError("cannot weigh blocks by FLOPs: the decoder blocks contain no linear layers")
     return (counts / counts.sum()).float()
 
 

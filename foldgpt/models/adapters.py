@@ -11,22 +11,38 @@ from dataclasses import dataclass
 
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
 from foldgpt.errors import FoldGPTError
+
+LINEAR_TYPES = (nn.Linear, Conv1D)
+"""The projection layers inside a block: ``nn.Linear``, and GPT-2's ``Conv1D`` (the same map, weight stored transposed)."""
+
+_LLAMA_NORMS = ("input_layernorm", "post_attention_layernorm")
+_GEMMA_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+_LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
 class ArchitectureAdapter:
-    """Names of the parts of one decoder-only family, relative to the ``*ForCausalLM`` model."""
+    """Names of the parts of one decoder-only family, relative to the ``*ForCausalLM`` model.
+
+    ``attention`` and ``mlp`` are sub-modules of a block (``mlp=None``: the MLP's layers sit on the block itself, as
+    OPT's ``fc1``/``fc2``); ``attention_output`` / ``mlp_output`` are their output projections, relative to them.
+    ``lora_targets`` names every projection of a block (healing's default LoRA targets). ``refused`` lists config
+    settings (attribute, value, reason) of variants that foldgpt cannot compress exactly.
+    """
 
     family: str
     model_types: tuple[str, ...]
     layers_path: str = "model.layers"
     attention: str = "self_attn"
-    mlp: str = "mlp"
-    norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
+    mlp: str | None = "mlp"
+    norms: tuple[str, ...] = _LLAMA_NORMS
     attention_output: str = "o_proj"
     mlp_output: str = "down_proj"
+    lora_targets: tuple[str, ...] = _LLAMA_PROJECTIONS
+    refused: tuple[tuple[str, object, str], ...] = ()
 
     def parent_and_name(self, model: nn.Module) -> tuple[nn.Module, str]:
         """The module that owns the layer list, and the list's attribute name on it."""
@@ -53,17 +69,50 @@ class ArchitectureAdapter:
         """The per-block normalisation modules (two for Llama, four for Gemma 2/3)."""
         return [getattr(block, name) for name in self.norms]
 
+    def attention_module(self, block: nn.Module) -> nn.Module:
+        """The block's attention (it carries the ``layer_idx`` of the KV cache)."""
+        return block.get_submodule(self.attention)
 
-_LLAMA_NORMS = ("input_layernorm", "post_attention_layernorm")
-_GEMMA_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+    def attention_output_layer(self, block: nn.Module) -> nn.Module:
+        """The attention's output projection (``o_proj``), whose output is added to the residual stream."""
+        return block.get_submodule(f"{self.attention}.{self.attention_output}")
+
+    def mlp_output_layer(self, block: nn.Module) -> nn.Module:
+        """The MLP's output projection (``down_proj``), whose output is added to the residual stream."""
+        return block.get_submodule(self.mlp_output if self.mlp is None else f"{self.mlp}.{self.mlp_output}")
+
+    def check_config(self, config: PretrainedConfig) -> None:
+        """Refuse a variant of the family listed in ``refused``, with the reason."""
+        for attribute, value, reason in self.refused:
+            if getattr(config, attribute, None) == value:
+                raise FoldGPTError(f"{self.family} models with {attribute}={value} are not supported: {reason}")
+
+
+_GPT2_REFUSED = (
+    ("scale_attn_by_inverse_layer_idx", True, "each block scales its attention by its position, so a kept block would "
+     "compute something else once blocks before it are removed"),
+)
 
 ADAPTERS: tuple[ArchitectureAdapter, ...] = (
-    ArchitectureAdapter("Llama", ("llama",), norms=_LLAMA_NORMS),
-    ArchitectureAdapter("Mistral", ("mistral",), norms=_LLAMA_NORMS),
-    ArchitectureAdapter("Qwen2", ("qwen2",), norms=_LLAMA_NORMS),
-    ArchitectureAdapter("Qwen3", ("qwen3",), norms=_LLAMA_NORMS),
+    ArchitectureAdapter("Llama", ("llama",)),
+    ArchitectureAdapter("Mistral", ("mistral",)),
+    ArchitectureAdapter("Qwen2", ("qwen2",)),
+    ArchitectureAdapter("Qwen3", ("qwen3",)),
     ArchitectureAdapter("Gemma2", ("gemma2",), norms=_GEMMA_NORMS),
     ArchitectureAdapter("Gemma3", ("gemma3_text",), norms=_GEMMA_NORMS),
+    ArchitectureAdapter("Phi3", ("phi3",), lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
+    ArchitectureAdapter(
+        "OPT", ("opt",), layers_path="model.decoder.layers", mlp=None, norms=("self_attn_layer_norm", "final_layer_norm"),
+        attention_output="out_proj", mlp_output="fc2", lora_targets=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+    ),
+    ArchitectureAdapter(
+        "GPT2", ("gpt2",), layers_path="transformer.h", attention="attn", norms=("ln_1", "ln_2"),
+        attention_output="c_proj", mlp_output="c_proj", lora_targets=("c_attn", "c_proj", "c_fc"), refused=_GPT2_REFUSED,
+    ),
+    ArchitectureAdapter(
+        "GPTNeoX", ("gpt_neox",), layers_path="gpt_neox.layers", attention="attention", attention_output="dense",
+        mlp_output="dense_4h_to_h", lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+    ),
 )
 
 
@@ -78,6 +127,7 @@ def adapter_for(model_or_config: PreTrainedModel | PretrainedConfig) -> Architec
     model_type = getattr(config, "model_type", None)
     for adapter in ADAPTERS:
         if model_type in adapter.model_types:
+            adapter.check_config(config)
             return adapter
     hint = ""
     if model_type == "gemma3":
