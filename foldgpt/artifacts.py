@@ -7,6 +7,7 @@ produced it.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -45,6 +46,11 @@ def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         tmp.rename(out)
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise FoldGPTError(f"no space left on the device while writing '{out}'; nothing was kept: free some space or "
+                               "choose an --out on another disk") from error
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

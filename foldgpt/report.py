@@ -44,8 +44,8 @@ def rows_from_eval(results: dict, label: str, parameters: int | None = None, mat
     accuracy = {task: {m: v for m, v in metrics.items() if m in ("acc", "acc_norm") and v is not None} for task, metrics in tasks.items()}
     efficiency = results.get("efficiency") or {}
     if parameters is None:
-        parameters = efficiency.get("unique_parameters")
-        materialised = efficiency.get("parameters", materialised)
+        parameters = efficiency.get("parameters_unique")
+        materialised = efficiency.get("parameters_total", materialised)
     return ModelRow(label=label, parameters=parameters, materialised_parameters=materialised, perplexity=perplexity,
                     accuracy=accuracy, efficiency=efficiency, dense=dense)
 
@@ -101,7 +101,7 @@ def report_table(rows: list[ModelRow]) -> tuple[list[str], list[list[str]]]:
         if tasks:
             line += [_number(row.average_accuracy, 4),
                      _percent(row.average_accuracy, reference.average_accuracy if reference else None)]
-        line += [_number(row.efficiency.get("prefill_tokens_per_second"), 0), _number(row.efficiency.get("decode_tokens_per_second"), 1)]
+        line += [_number(row.efficiency.get("prefill_tokens_per_s"), 0), _number(row.efficiency.get("decode_tokens_per_s"), 1)]
         cells.append(line)
     return header, cells
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ from foldgpt.models.adapters import adapter_for
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# what reading a damaged config, safetensors or GGUF file raises (GGUF parsing fails with struct/index errors)
+READ_ERRORS = (OSError, ValueError, KeyError, RuntimeError, SafetensorError, struct.error, EOFError, IndexError)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -79,8 +82,9 @@ def load_config(path: Path) -> PretrainedConfig:
         if path.is_file():
             return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
         return AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
-        raise FoldGPTError(f"cannot read the model config of '{path}': {_first_line(error)}") from error
+    except READ_ERRORS as error:
+        hint = "; the .gguf file is truncated or corrupt, download it again" if path.is_file() else ""
+        raise FoldGPTError(f"cannot read the model config of '{path}': {_first_line(error)}{hint}") from error
 
 
 def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
@@ -99,7 +103,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32", device: str = 
             tokenizer = AutoTokenizer.from_pretrained(path)
     except FoldGPTError:
         raise
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
+    except READ_ERRORS as error:
         raise FoldGPTError(f"cannot load the model in '{path}': {_first_line(error)}; check that its weight files are complete") from error
     model = model.to(device=device, dtype=DTYPES[dtype]).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=str(path))
