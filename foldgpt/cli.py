@@ -423,7 +423,7 @@ HEAL_OPTION_HELP = {
     "tail_weight": "weight of the tail-layer hidden-state MSE",
     "tail_layers": "number of last blocks compared by the tail loss",
     "lm_weight": "weight of the next-token loss",
-    "target_modules": "comma-separated linear layers to adapt",
+    "target_modules": "comma-separated linear layers to adapt; none given: every projection of the family's blocks",
 }
 
 
@@ -445,7 +445,7 @@ def _add_heal_pipeline_options(parser: argparse.ArgumentParser) -> None:
             kwargs["type"] = non_negative_int
         elif isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif isinstance(default, tuple):
+        elif isinstance(default, tuple) or "tuple" in str(field.type):
             kwargs["type"] = name_list
             kwargs["metavar"] = "NAMES"
         elif default is None:
@@ -464,7 +464,7 @@ def name_list(text: str) -> tuple[str, ...]:
 
 def _add_heal_options(parser: argparse.ArgumentParser) -> None:
     """Every option of ``foldgpt heal`` (defaults from ``HealConfig``)."""
-    from foldgpt.healing import DEFAULT_TARGETS, SCHEDULES, HealConfig  # noqa: PLC0415
+    from foldgpt.healing import SCHEDULES, HealConfig  # noqa: PLC0415
 
     d = HealConfig()
     parser.add_argument("student", metavar="STUDENT", help="the model to heal: a pruned HF folder or a compact (folded) folder")
@@ -492,9 +492,9 @@ def _add_heal_options(parser: argparse.ArgumentParser) -> None:
     lora.add_argument("--lora-rank", type=positive_int, default=d.lora_rank, help=f"LoRA rank r (default: {d.lora_rank})")
     lora.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help=f"LoRA alpha; the delta is scaled by alpha/r (default: {d.lora_alpha:g})")
     lora.add_argument("--lora-dropout", type=float, default=d.lora_dropout, help=f"dropout on the LoRA input (default: {d.lora_dropout})")
-    lora.add_argument("--lora-targets", default=",".join(DEFAULT_TARGETS), metavar="NAMES",
-                      help="comma-separated linear layers of each block to adapt (default: every projection, "
-                      f"{','.join(DEFAULT_TARGETS)})")
+    lora.add_argument("--lora-targets", metavar="NAMES",
+                      help="comma-separated linear layers of each block to adapt (default: every projection of the "
+                      "family's blocks, e.g. q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj for Llama)")
     lora.add_argument("--freeze-norms", action="store_true", help="keep the per-block norms frozen too (LoRA only)")
     losses = parser.add_argument_group("losses: kl_weight * KL(teacher||student, T) + tail_weight * tail MSE + lm_weight * LM")
     losses.add_argument("--kl-weight", type=float, default=d.kl_weight, help=f"weight of the logit KL, 0 = off (default: {d.kl_weight})")
@@ -524,7 +524,7 @@ def _add_heal_options(parser: argparse.ArgumentParser) -> None:
 def _heal_config(args: argparse.Namespace):
     from foldgpt.healing import HealConfig  # noqa: PLC0415
 
-    targets = tuple(name.strip() for name in args.lora_targets.split(",") if name.strip())
+    targets = None if args.lora_targets is None else tuple(name.strip() for name in args.lora_targets.split(",") if name.strip())
     return HealConfig(
         data=args.data, steps=args.steps, tokens=args.tokens, seqlen=args.seqlen, micro_batch=args.micro_batch,
         grad_accum=args.grad_accum, lr=args.lr, schedule=args.schedule, warmup_steps=args.warmup_steps,

@@ -216,7 +216,8 @@ def heal_config(settings: dict[str, Any]):
     from foldgpt.healing import HealConfig  # noqa: PLC0415
 
     fields = {key.removeprefix("heal_"): value for key, value in settings.items() if key.startswith("heal_")}
-    fields["target_modules"] = tuple(fields["target_modules"])
+    if fields["target_modules"] is not None:
+        fields["target_modules"] = tuple(fields["target_modules"])
     return HealConfig(**fields)
 
 

@@ -47,6 +47,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
 from foldgpt import __version__
 from foldgpt.artifacts import atomic_output_dir, check_output_free, read_metadata
@@ -54,11 +55,11 @@ from foldgpt.data import load_text, tokenize
 from foldgpt.errors import FoldGPTError
 from foldgpt.importance.gates import activation_checkpointing, distillation_loss, next_token_loss
 from foldgpt.models import adapter_for
+from foldgpt.models.adapters import LINEAR_TYPES
 from foldgpt.models.loading import LoadedModel
 
 LOSS_TERMS = ("kl", "tail", "lm")
 SCHEDULES = ("constant", "linear", "cosine")
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CHECKPOINT_FILE = "checkpoint.pt"
 CACHE_MANIFEST = "teacher_cache.json"
 # fields that change how a run is driven or recorded, not its result: a checkpoint may be resumed with other values
@@ -73,8 +74,9 @@ class HealConfig:
     ``micro_batch * grad_accum`` windows of ``seqlen`` tokens. The learning rate warms up linearly for
     ``warmup_steps`` and then follows ``schedule`` (cosine / linear decay towards 0, or constant). Gradients are
     clipped to ``max_grad_norm`` (0: off). LoRA: rank ``lora_rank``, scale ``lora_alpha / lora_rank``, on the linear
-    layers named in ``target_modules`` of every block. ``eval_every`` steps (and before and after training) the
-    held-out windows are scored. ``teacher_cache`` is a folder for the teacher's outputs (logits stored as float16).
+    layers named in ``target_modules`` of every block (None: every projection, the family adapter's ``lora_targets``).
+    ``eval_every`` steps (and before and after training) the held-out windows are scored. ``teacher_cache`` is a
+    folder for the teacher's outputs (logits stored as float16).
     """
 
     data: str = "alpaca"
@@ -90,7 +92,7 @@ class HealConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
-    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    target_modules: tuple[str, ...] | None = None
     train_norms: bool = True
     kl_weight: float = 1.0
     temperature: float = 1.0
@@ -106,7 +108,8 @@ class HealConfig:
     checkpoint_every: int = 50
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if self.target_modules is not None:
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
         for name in ("steps", "seqlen", "micro_batch", "grad_accum", "lora_rank", "tail_layers"):
             if getattr(self, name) < 1:
                 raise FoldGPTError(f"healing needs {name} >= 1, got {getattr(self, name)}")
@@ -129,7 +132,7 @@ class HealConfig:
             raise FoldGPTError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.schedule not in SCHEDULES:
             raise FoldGPTError(f"unknown schedule '{self.schedule}'; choose one of {', '.join(SCHEDULES)}")
-        if not self.target_modules:
+        if self.target_modules is not None and not self.target_modules:
             raise FoldGPTError("give at least one LoRA target module, e.g. q_proj,v_proj")
 
     @property
@@ -150,7 +153,7 @@ class HealConfig:
         fields = asdict(self)
         for name in RUN_CONTROL_FIELDS:
             fields.pop(name)
-        fields["target_modules"] = list(self.target_modules)
+        fields["target_modules"] = None if self.target_modules is None else list(self.target_modules)
         fields["total_steps"] = self.total_steps
         return fields
 
@@ -228,18 +231,20 @@ def add_lora(model: PreTrainedModel, config: HealConfig) -> nn.Module:
     norms trainable (``config.train_norms``). Returns the peft model."""
     from peft import LoraConfig, get_peft_model  # noqa: PLC0415
 
-    present = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
-    missing = [name for name in config.target_modules if name not in present]
+    targets = lora_targets(model, config)
+    linear = {name.rsplit(".", 1)[-1]: module for name, module in model.named_modules() if isinstance(module, LINEAR_TYPES)}
+    missing = [name for name in targets if name not in linear]
     if missing:
         raise FoldGPTError(
-            f"LoRA target module(s) {', '.join(missing)} not found in the model; it has linear layers named {', '.join(sorted(present))}"
+            f"LoRA target module(s) {', '.join(missing)} not found in the model; it has linear layers named {', '.join(sorted(linear))}"
         )
     torch.manual_seed(config.seed)  # LoRA's A matrices are initialised at random
     lora = LoraConfig(
         r=config.lora_rank,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
-        target_modules=list(config.target_modules),
+        target_modules=list(targets),
+        fan_in_fan_out=isinstance(linear[targets[0]], Conv1D),  # GPT-2's Conv1D stores its weight transposed
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -250,6 +255,14 @@ def add_lora(model: PreTrainedModel, config: HealConfig) -> nn.Module:
         for parameter in norm_parameters(model):
             parameter.requires_grad_(True)
     return peft_model
+
+
+def lora_targets(model: nn.Module, config: HealConfig) -> tuple[str, ...]:
+    """The linear layers LoRA adapts: ``config.target_modules``, or every projection of the family's blocks."""
+    if config.target_modules is not None:
+        return config.target_modules
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return adapter_for(base).lora_targets
 
 
 def norm_parameters(model: PreTrainedModel) -> list[nn.Parameter]:
@@ -687,7 +700,7 @@ def _metadata(student, teacher, config, model, history, evals, seconds, seconds_
         "source_model": student.source,
         "teacher": teacher.source,
         "source_metadata": read_metadata(student.source),
-        "config": {**asdict(config), "target_modules": list(config.target_modules)},
+        "config": {**asdict(config), "target_modules": list(lora_targets(model, config))},
         "total_steps": config.total_steps,
         "steps_done": steps_done,
         "tokens_seen": steps_done * config.tokens_per_step,

@@ -14,11 +14,12 @@ import foldgpt
 from foldgpt import healing
 from foldgpt.cli import main
 from foldgpt.errors import FoldGPTError
-from foldgpt.healing import HealConfig, WindowSchedule, heal, learning_rate, norm_parameters, tail_loss
+from foldgpt.healing import HealConfig, WindowSchedule, heal, learning_rate, norm_parameters, save_healed, tail_loss
+from foldgpt.models import adapter_for
 from foldgpt.models.loading import LoadedModel
 from foldgpt.removal import remove_blocks
 from foldgpt.sharing import contiguous_groups, fold
-from tiny import DEPTH, random_ids, save_tiny, tiny_model, tiny_tokenizer
+from tiny import DEPTH, FAMILIES, random_ids, save_tiny, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +109,28 @@ def test_healed_compact_folder_loads_back_to_the_same_logits_and_stores_shared_t
     torch.testing.assert_close(logits_of(loaded.model, ids), logits_of(result.loaded.model, ids), rtol=0, atol=0)
     plain = AutoModelForCausalLM.from_pretrained(folder / "plain")
     torch.testing.assert_close(logits_of(plain, ids), logits_of(loaded.model, ids), rtol=1e-4, atol=1e-4)
+    assert plain.config.num_hidden_layers == DEPTH - 1
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_family_heals_with_lora_on_every_projection_and_its_folders_reload_to_the_same_logits(family, text_file, tmp_path):
+    student, teacher = teacher_and_student(family)
+    result = heal(student, teacher, config(text_file, steps=2, eval_windows=1))
+    base = result.loaded.model.get_base_model()
+    adapter = adapter_for(base)
+    blocks = adapter.layers(base)
+    adapted = {name.rsplit(".", 1)[-1] for name, module in blocks[1].named_modules() if hasattr(module, "lora_A")}
+    assert adapted == set(adapter.lora_targets) and result.metadata["config"]["target_modules"] == list(adapter.lora_targets)
+    child, parent = adapter.mlp_output_layer(blocks[1]), adapter.mlp_output_layer(blocks[0])
+    assert child.base_layer.weight is parent.base_layer.weight  # the child adapts the parent's shared weight
+    assert child.lora_B["default"].weight.abs().sum() > 0
+    ids = random_ids(length=20)
+    expected = logits_of(result.loaded.model, ids)
+    reloaded = save_healed(result.loaded, tmp_path / "healed", result.metadata, plain=True).model
+    reloaded.get_base_model().set_attn_implementation("eager")  # as the tiny models: bitwise comparable
+    torch.testing.assert_close(logits_of(reloaded, ids), expected, rtol=0, atol=0)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "healed" / "plain", attn_implementation="eager")
+    torch.testing.assert_close(logits_of(plain, ids), expected, rtol=1e-4, atol=1e-4)
     assert plain.config.num_hidden_layers == DEPTH - 1
 
 
