@@ -97,13 +97,21 @@ def test_greedy_generation_with_kv_cache_is_identical_across_folded_compact_and_
     assert torch.equal(vanilla.generate(prompt, use_cache=True, **settings), reference)
 
 
-def test_opt_with_post_layer_norm_and_projected_embeddings_prunes_folds_and_exports_exactly(tmp_path):
-    # OPT-350m's layout: each block normalises after its residual additions, no final norm, embeddings of 16 projected
-    config = FAMILIES["opt"]()
-    config.do_layer_norm_before, config.word_embed_proj_dim = False, 16
+@pytest.mark.parametrize(
+    ("family", "variant"),
+    [
+        # OPT-350m's layout: each block normalises after its residual additions, no final norm, embeddings projected
+        ("opt", {"do_layer_norm_before": False, "word_embed_proj_dim": 16}),
+        ("gpt_neox", {"use_parallel_residual": False}),  # the MLP reads the attention's output, as in Llama
+    ],
+)
+def test_family_variants_prune_fold_and_export_exactly(family, variant, tmp_path):
+    config = FAMILIES[family]()
+    for name, value in variant.items():
+        setattr(config, name, value)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
-    loaded = LoadedModel(remove_blocks(model, [1, 3]), tiny_tokenizer(), "tiny-opt-post-ln")
+    loaded = LoadedModel(remove_blocks(model, [1, 3]), tiny_tokenizer(), f"tiny-{family}-variant")
     fold_model(loaded, group_size=2, out=tmp_path / "compact")
     ids = random_ids()
     expected = logits(loaded.model, ids)
