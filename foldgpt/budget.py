@@ -84,3 +84,23 @@ def blocks_to_remove(model: PreTrainedModel, target: RemovalTarget) -> int:
         costs = block_flops_per_token(model, target.flops_context)
         return _blocks_for_fraction(costs, model_flops_per_token(model, target.flops_context), target.target_flops, "flops")
     return blocks_to_remove_count(len(layers), target.remove, target.remove_ratio)
+
+
+def blocks_to_remove_with_sharing(model: PreTrainedModel, target_params: float, group_size: int) -> int:
+    """Fewest blocks to remove so that, after folding the rest into groups of ``group_size``, the model's unique
+    parameters are at most ``target_params`` of today's (``compress --target-params`` with sharing)."""
+    if not 0.0 < target_params < 1.0:
+        raise FoldGPTError(f"--target-params {target_params} is out of range; give the fraction to keep, between 0 and 1 (e.g. 0.75)")
+    layers = adapter_for(model).layers(model)
+    total, depth = count_parameters(model), len(layers)
+    block, shared = count_parameters(layers[0]), linear_weights(layers[0]) + _linear_biases(layers[0])
+    for removed in range(1, depth):
+        kept = depth - removed
+        children = kept - math.ceil(kept / group_size)
+        if total - removed * block - children * shared <= target_params * total:
+            return removed
+    raise FoldGPTError(f"--target-params {target_params} cannot be met with --group-size {group_size}; give a larger fraction")
+
+
+def _linear_biases(module: nn.Module) -> int:
+    return sum(m.bias.numel() for m in module.modules() if isinstance(m, LINEAR_TYPES) and getattr(m, "bias", None) is not None)

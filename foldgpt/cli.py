@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -16,6 +18,8 @@ from pathlib import Path
 
 from foldgpt.errors import FoldGPTError
 
+COMPRESS_TASKS = ("piqa", "arc_easy", "arc_challenge", "boolq", "winogrande")
+COMPRESS_TASK_LIMIT = 100
 METHOD_NAMES = ("gates", "bi", "angular", "sleb", "last", "random")
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -409,6 +413,9 @@ def add_compress_options(parser: argparse.ArgumentParser) -> None:
                          help="which block of each group lends its weights (default: first)")
     _add_heal_pipeline_options(parser)
     _add_ppl(parser, seqlen=1024, max_tokens=16384, seqlen_flag="--eval-seqlen")  # --seqlen is the calibration's
+    _add_task_options(parser)
+    # the pipeline evaluates tasks and efficiency by default (YAML / Python: tasks: null, efficiency: false to skip)
+    parser.set_defaults(tasks=list(COMPRESS_TASKS), limit=COMPRESS_TASK_LIMIT, efficiency=True)
     _add_output(parser, "all stages' results (an existing DIR from compress is resumed)")
 
 
@@ -558,9 +565,20 @@ def run_heal(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}" + (f" and {args.out}/plain" if args.plain else ""))
 
 
+def _interrupt_on_sigterm() -> None:
+    """Treat SIGTERM (a scheduler or ``kill``) like Ctrl-C: clean up temporary outputs, keep checkpoints, exit 130."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
+    _interrupt_on_sigterm()
     handler: Callable[[argparse.Namespace], None] = args.handler
     try:
         if getattr(args, "config", None):

@@ -35,13 +35,15 @@ STAGE_FILE = "stage.json"
 
 # which settings each stage depends on (by key or key prefix); anything else does not invalidate it
 STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
-    "dense": ("model", "dtype", "device", "ppl", "eval_seqlen", "max_tokens", "batch_size", "tasks", "limit", "efficiency"),
+    "dense": ("model", "dtype", "device", "ppl", "eval_seqlen", "max_tokens", "batch_size", "tasks", "limit", "num_fewshot",
+              "include_path", "efficiency", "prefill_tokens", "decode_tokens"),
     "analysis": ("model", "dtype", "device", "calibration", "nsamples", "seqlen", "seed"),
     "pruned": ("model", "dtype", "device", "calibration", "nsamples", "seqlen", "seed", "method", "remove", "remove_ratio",
-               "target_params", "target_flops", "gate_", "gradient_checkpointing"),
+               "target_params", "target_flops", "gate_", "gradient_checkpointing", "group_size", "groups"),
     "folded": ("group_size", "groups", "parent"),
     "healed": ("heal_",),
-    "final": ("ppl", "eval_seqlen", "max_tokens", "batch_size", "tasks", "limit", "efficiency"),
+    "final": ("ppl", "eval_seqlen", "max_tokens", "batch_size", "tasks", "limit", "num_fewshot", "include_path", "efficiency",
+              "prefill_tokens", "decode_tokens"),
 }
 STAGES = tuple(STAGE_SETTINGS)
 
@@ -59,6 +61,8 @@ class StageResult:
 def settings_for(stage: str, settings: dict[str, Any]) -> dict[str, Any]:
     """The subset of ``settings`` that ``stage`` depends on."""
     prefixes = STAGE_SETTINGS[stage]
+    if stage == "pruned" and settings.get("target_params") is None:  # grouping matters to removal only via --target-params
+        prefixes = tuple(p for p in prefixes if p not in ("group_size", "groups"))
     return {k: v for k, v in sorted(settings.items()) if any(k == p or (p.endswith("_") and k.startswith(p)) for p in prefixes)}
 
 
@@ -144,9 +148,22 @@ def evaluate_model(loaded: LoadedModel, settings: dict[str, Any]) -> dict:
     from foldgpt.evaluation import perplexity  # noqa: PLC0415
 
     results: dict[str, Any] = {"model": loaded.source, "perplexity": {}}
-    for name in settings["ppl"]:
+    for name in settings["ppl"] or []:
         result = perplexity(loaded.model, loaded.tokenizer, name, settings["eval_seqlen"], settings["max_tokens"], settings["batch_size"])
         results["perplexity"][name] = result.to_dict()
+    if settings.get("tasks"):
+        from foldgpt.lm_tasks import evaluate_tasks  # noqa: PLC0415
+
+        tasks = evaluate_tasks(loaded.model, loaded.tokenizer, settings["tasks"], limit=settings["limit"],
+                               num_fewshot=settings["num_fewshot"], batch_size=settings["batch_size"],
+                               include_path=settings["include_path"])
+        results["tasks"] = tasks.to_dict()
+    if settings.get("efficiency"):
+        from foldgpt.efficiency import measure_efficiency  # noqa: PLC0415
+
+        report = measure_efficiency(loaded.model, loaded.source, prefill_tokens=settings["prefill_tokens"],
+                                    decode_tokens=settings["decode_tokens"])
+        results["efficiency"] = report.to_dict()
     return results
 
 
@@ -170,6 +187,11 @@ def _prune_into(folder: Path, settings: dict[str, Any]) -> dict:
 
     loaded = load_model(settings["model"], dtype=settings["dtype"], device=settings["device"])
     targets = {name: settings[name] for name in ("remove", "remove_ratio", "target_params", "target_flops") if settings[name] is not None}
+    if "target_params" in targets and settings["group_size"] > 1 and not settings["groups"]:
+        # the target is on the final model: blocks removed *and* the rest shared in groups
+        from foldgpt.budget import blocks_to_remove_with_sharing  # noqa: PLC0415
+
+        targets = {"remove": blocks_to_remove_with_sharing(loaded.model, targets["target_params"], settings["group_size"])}
     result = prune(loaded, settings["method"], calibration=_calibration(settings), gate_config=_gate_config(settings), **targets)
     with atomic_output_dir(folder, overwrite=True) as tmp:
         save_plain_model(loaded.model, loaded.tokenizer, tmp, result.metadata)
@@ -228,6 +250,9 @@ def _summary(out: Path, settings: dict, dense: StageResult, analysis: StageResul
 
     fold_meta = read(folded, METADATA_FILE)
     prune_meta = read(pruned, METADATA_FILE)
+    compressed = read(final, "eval.json")
+    # what the user deploys: the shared base plus, after healing, the LoRA adapters (counted by the final evaluation)
+    unique = compressed.get("efficiency", {}).get("parameters_unique", fold_meta["parameters"]["unique"])
     return {
         "model": settings["model"],
         "output": str(out),
@@ -235,10 +260,11 @@ def _summary(out: Path, settings: dict, dense: StageResult, analysis: StageResul
         "method": prune_meta["method"],
         "num_blocks": [prune_meta["num_blocks_before"], prune_meta["num_blocks_after"]],
         "groups": fold_meta["groups"],
-        "parameters": {"dense": prune_meta["parameters_before"], "unique": fold_meta["parameters"]["unique"],
+        "parameters": {"dense": prune_meta["parameters_before"], "pruned": prune_meta["parameters_after"],
+                       "unique": unique, "shared_base": fold_meta["parameters"]["unique"],
                        "materialised": fold_meta["parameters"]["materialised"]},
         "dense": read(dense, "eval.json"),
-        "compressed": read(final, "eval.json"),
+        "compressed": compressed,
         "final_model": str(last.folder),
         "stages": {s.name: {"skipped": s.skipped, "seconds": read(s, STAGE_FILE)["seconds"]}
                    for s in (dense, analysis, pruned, folded, last, final)},
@@ -255,7 +281,7 @@ def format_summary(summary: dict) -> str:
     """The on-screen table of the main job: dense against compressed."""
     dense, compressed = summary["dense"], summary["compressed"]
     metrics = [(f"{name} ppl", "perplexity", name) for name in dense.get("perplexity", {})]
-    metrics += [(f"{task}", "tasks", task) for task in dense.get("tasks", {})]
+    metrics += [(f"{task} acc", "tasks", task) for task in dense.get("tasks", {}).get("metrics", {})]
     header = f"{'model':<12}{'params':>14}" + "".join(f"{label:>16}" for label, _, _ in metrics)
     rows = [header, "-" * len(header)]
     for label, results, params in (("dense", dense, summary["parameters"]["dense"]),
@@ -272,9 +298,10 @@ def _stage_time(stage: dict) -> str:
 
 
 def _headline(results: dict, kind: str, name: str) -> str:
-    value = results.get(kind, {}).get(name)
+    section = results.get(kind, {})
+    value = (section.get("metrics", {}) if kind == "tasks" else section).get(name)
     if value is None:
         return "-"
     if kind == "perplexity":
         return f"{value['perplexity']:.2f}"
-    return f"{value.get('acc_norm', value.get('acc')):.4f}"
+    return f"{value['acc']:.4f}" if value.get("acc") is not None else "-"

@@ -29,7 +29,7 @@ def quick_options(text_file) -> dict:
     return {
         "method": "gates", "remove": 2, "gate_steps": 3, "calibration": str(text_file), "nsamples": 2, "seqlen": 32,
         "group_size": 2, "heal_steps": 2, "heal_data": str(text_file), "heal_seqlen": 32, "heal_eval_windows": 1,
-        "ppl": [str(text_file)], "eval_seqlen": 64, "max_tokens": 256,
+        "ppl": [str(text_file)], "eval_seqlen": 64, "max_tokens": 256, "tasks": None, "efficiency": False,
     }
 
 
@@ -39,10 +39,11 @@ def stage_records(out):
 
 def test_every_stage_runs_and_a_rerun_skips_them_all(tiny_folder, text_file, tmp_path, capsys):
     out = tmp_path / "run"
-    summary = foldgpt.compress(str(tiny_folder), out, **quick_options(text_file))
+    options = {**quick_options(text_file), "tasks": ["piqa"], "limit": 2, "efficiency": True, "prefill_tokens": 32, "decode_tokens": 8}
+    summary = foldgpt.compress(str(tiny_folder), out, **options)
     assert summary["num_blocks"] == [DEPTH, DEPTH - 2] and len(summary["removed_blocks"]) == 2
     assert summary["groups"] == [[0, 1], [2, 3]]
-    assert summary["parameters"]["unique"] < summary["parameters"]["materialised"] < summary["parameters"]["dense"]
+    assert summary["parameters"]["shared_base"] < summary["parameters"]["materialised"] < summary["parameters"]["dense"]
     assert all(not stage["skipped"] for stage in summary["stages"].values())
     healed = foldgpt.load(str(out / "healed"))  # compact base + LoRA adapter
     assert hasattr(healed.model, "get_base_model")
@@ -53,7 +54,13 @@ def test_every_stage_runs_and_a_rerun_skips_them_all(tiny_folder, text_file, tmp
     first = stage_records(out)
     capsys.readouterr()
 
-    again = foldgpt.compress(str(tiny_folder), out, **quick_options(text_file))
+    for name in ("dense", "compressed"):
+        assert 0.0 <= summary[name]["tasks"]["metrics"]["piqa"]["acc"] <= 1.0
+        assert summary[name]["efficiency"]["decode_tokens_per_s"] > 0
+    parameters = summary["parameters"]
+    assert parameters["unique"] == summary["compressed"]["efficiency"]["parameters_unique"]
+    assert parameters["unique"] > parameters["shared_base"]  # the LoRA adapters count until merged
+    again = foldgpt.compress(str(tiny_folder), out, **options)
     assert all(stage["skipped"] for stage in again["stages"].values())
     assert stage_records(out) == first
     assert again["compressed"] == summary["compressed"]
@@ -136,3 +143,14 @@ def test_healing_can_be_switched_off(tiny_folder, text_file, tmp_path):
     ids = torch.randint(3, 100, (1, 16))
     with torch.no_grad():
         assert torch.equal(folded(ids).logits, pruned(ids).logits)  # G=1 is the pruned model itself
+
+
+def test_a_parameter_target_counts_the_sharing_too(tiny_folder, text_file, tmp_path):
+    options = {**quick_options(text_file), "remove": None, "target_params": 0.7, "heal_steps": 0, "method": "last"}
+    summary = foldgpt.compress(str(tiny_folder), tmp_path / "run", **options)
+    parameters = summary["parameters"]
+    assert parameters["unique"] <= 0.7 * parameters["dense"]
+    fewer = foldgpt.compress(str(tiny_folder), tmp_path / "run1", **{**options, "group_size": 1})
+    # without sharing, removal alone must reach the target, so more blocks go
+    assert len(fewer["removed_blocks"]) > len(summary["removed_blocks"])
+    assert fewer["parameters"]["unique"] <= 0.7 * parameters["dense"]

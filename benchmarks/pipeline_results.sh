@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The README's pipeline results table: dense SmolLM2-135M against FoldGPT (gates) and ShortGPT (bi) at ~25% and ~40%
+# fewer parameters, each healed with the same budget, on WikiText-2, PTB and the five zero-shot tasks.
+#
+#   bash benchmarks/pipeline_results.sh [extra foldgpt compress options, e.g. --limit 0 --max-tokens 0 on a GPU]
+#
+# Every run shares the dense evaluation and the analysis (identical settings, so the stage is copied, not redone);
+# runs/results/<name>/ holds each run, benchmarks/results/pipeline/ the report (report.md, report.json, figures).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+FOLDGPT="${FOLDGPT_VENV:-.venv}/bin/foldgpt"
+OUT=runs/results
+mkdir -p "$OUT"
+runs=(
+  "foldgpt-25 --method gates --target-params 0.75"
+  "bi-25 --method bi --target-params 0.75"
+  "foldgpt-40 --method gates --target-params 0.60"
+  "bi-40 --method bi --target-params 0.60"
+)
+first=""
+for run in "${runs[@]}"; do
+  read -r name options <<<"$run"
+  if [ -n "$first" ] && [ ! -d "$OUT/$name/dense" ]; then  # reuse the dense evaluation and analysis of the first run
+    mkdir -p "$OUT/$name"
+    cp -r "$OUT/$first/dense" "$OUT/$first/analysis" "$OUT/$first/config.yaml" "$OUT/$name/"
+  fi
+  # shellcheck disable=SC2086
+  "$FOLDGPT" compress smollm2-135m --out "$OUT/$name" $options "$@"
+  first="${first:-$name}"
+done
+"$FOLDGPT" report "$OUT"/foldgpt-25 "$OUT"/bi-25 "$OUT"/foldgpt-40 "$OUT"/bi-40 --out benchmarks/results/pipeline --overwrite
