@@ -6,14 +6,18 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from foldgpt.analysis import redundancy_stats
+from foldgpt.analysis import RedundancyStats, redundancy_stats
 from foldgpt.importance.base import Selection, register
 
 
 @register("angular")
 def select_by_angular_distance(model: PreTrainedModel, windows: torch.Tensor, n_remove: int, seed: int) -> Selection:
     """The best span ``l .. l+n-1``; scores are the distance of every possible start ``l``."""
-    stats = redundancy_stats(model, windows)
+    return selection_from_stats(redundancy_stats(model, windows), n_remove)
+
+
+def selection_from_stats(stats: RedundancyStats, n_remove: int) -> Selection:
+    """The best span of ``n_remove`` blocks by the angular distances in ``stats`` (in-memory or block-by-block)."""
     start = stats.best_angular_span(n_remove)
     span_distances = [stats.angular_distance[s][s + n_remove] for s in range(stats.num_blocks - n_remove + 1)]
     return Selection(

@@ -5,13 +5,17 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from foldgpt.analysis import redundancy_stats
+from foldgpt.analysis import RedundancyStats, redundancy_stats
 from foldgpt.importance.base import Selection, register
 
 
 @register("bi")
 def select_by_block_influence(model: PreTrainedModel, windows: torch.Tensor, n_remove: int, seed: int) -> Selection:
     """The ``n_remove`` blocks that change their input least (one calibration pass)."""
-    stats = redundancy_stats(model, windows)
+    return selection_from_stats(redundancy_stats(model, windows), n_remove)
+
+
+def selection_from_stats(stats: RedundancyStats, n_remove: int) -> Selection:
+    """The ``n_remove`` blocks of lowest Block Influence in ``stats`` (in-memory or block-by-block statistics)."""
     ranking = sorted(range(stats.num_blocks), key=lambda i: stats.block_influence[i])
     return Selection(method="bi", removed=sorted(ranking[:n_remove]), scores=stats.block_influence)

@@ -1,0 +1,505 @@
+"""Block-by-block ("sequential") execution for the calibration-only stages: analysis, bi, angular and perplexity.
+
+The model is built on the meta device; only the tensors outside the decoder blocks (embedding, final norm, head)
+are read from the safetensors files up front. Every calibration window is embedded once, then the blocks run one at
+a time: block ``i``'s tensors are read from disk onto the compute device, all windows go through it, the statistics
+are recorded and the block is put back on the meta device before block ``i + 1`` is read. So the weights in memory
+are the outer tensors plus one block, whatever the depth; the hidden states of the calibration set (``n x seq x d``)
+stay on the CPU, or in a file with ``offload_dir``.
+
+The blocks are called with exactly the arguments the model's own forward passes them: the model's forward is run
+with its blocks replaced by stand-ins (:class:`_Stage`) that record each block's arguments (attention mask -- the
+sliding-window one for Gemma/Qwen2 sliding layers --, rotary position embeddings, position ids ...) and stop before
+the final norm. Perplexity runs the forward once more per window with stand-ins that return the last block's stored
+output, so the final norm, head and any logit soft-capping are the model's own.
+
+Tensors are read with plain positioned reads (no memory mapping), so neither the weight files nor the offloaded
+hidden states count towards the process's resident memory or address space.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+import tempfile
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from foldgpt.analysis import RedundancyStats, _hidden_of
+from foldgpt.errors import FoldGPTError
+from foldgpt.models import adapter_for
+
+OFFLOAD_MODES = ("none", "blocks")
+"""``--offload`` choices: ``none`` loads the whole model; ``blocks`` runs the calibration-only stages block by block."""
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def _read_exact(path: Path, offset: int, out: torch.Tensor) -> None:
+    """Fill the contiguous CPU tensor ``out`` with bytes of ``path`` from ``offset`` (positioned read, no mmap)."""
+    view = memoryview(out.view(torch.uint8).numpy()).cast("B") if out.numel() else memoryview(b"")
+    with open(path, "rb", buffering=0) as handle:
+        handle.seek(offset)
+        done = 0
+        while done < len(view):
+            count = handle.readinto(view[done:])
+            if not count:
+                raise FoldGPTError(f"'{path}' is truncated: expected {len(view)} bytes at offset {offset}")
+            done += count
+
+
+class SafetensorsFolder:
+    """Lazy reader of a model folder's safetensors weights (one file, or shards listed in ``model.safetensors.index.json``)."""
+
+    def __init__(self, folder: Path) -> None:
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        elif (folder / "model.safetensors").is_file():
+            files = ["model.safetensors"]
+        else:
+            raise FoldGPTError(f"'{folder}' has no model.safetensors (or index); block-by-block runs read safetensors weights")
+        self.entries: dict[str, tuple[Path, torch.dtype, tuple[int, ...], int, int]] = {}
+        for name in files:
+            path = folder / name
+            try:
+                with open(path, "rb") as handle:
+                    (length,) = struct.unpack("<Q", handle.read(8))
+                    header = json.loads(handle.read(length))
+            except (OSError, ValueError, struct.error) as error:
+                raise FoldGPTError(f"cannot read the safetensors header of '{path}': {error}") from error
+            for key, info in header.items():
+                if key == "__metadata__":
+                    continue
+                start, end = info["data_offsets"]
+                self.entries[key] = (path, _ST_DTYPES[info["dtype"]], tuple(info["shape"]), 8 + length + start, end - start)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.entries
+
+    def read(self, key: str) -> torch.Tensor:
+        """The tensor ``key``, read into fresh CPU memory."""
+        path, dtype, shape, offset, nbytes = self.entries[key]
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        _read_exact(path, offset, buffer)
+        return buffer.view(dtype).reshape(shape)
+
+
+class _Stop(Exception):
+    """Raised by the last stand-in block to end a forward pass once every block's arguments are recorded."""
+
+
+class _Stage(nn.Module):
+    """Stands in for decoder block ``index`` inside the model's forward (see :class:`BlockwiseModel`)."""
+
+    def __init__(self, owner: BlockwiseModel, index: int) -> None:
+        super().__init__()
+        self.index = index
+        self._owner = [owner]  # a list, so that the owner is not registered as a sub-module
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        return self._owner[0]._stage(self.index, hidden_states, args, kwargs)
+
+
+class HiddenStates:
+    """The hidden states of every calibration batch between two blocks: on the CPU, or in a file (``folder``)."""
+
+    def __init__(self, folder: Path | None = None) -> None:
+        self.folder = folder
+        self.memory: list[torch.Tensor] = []
+        self.slots: list[tuple[int, torch.Size, torch.dtype]] = []  # offset, shape, dtype in the file
+        self.path = None if folder is None else folder / "hidden_states.bin"
+        if self.path is not None:
+            self.path.write_bytes(b"")
+
+    def append(self, hidden: torch.Tensor) -> None:
+        if self.path is None:
+            self.memory.append(hidden.detach().to("cpu"))
+            return
+        offset = self.slots[-1][0] + _nbytes(self.slots[-1][1], self.slots[-1][2]) if self.slots else 0
+        self.slots.append((offset, hidden.shape, hidden.dtype))
+        self._write(len(self.slots) - 1, hidden)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if self.path is None:
+            return self.memory[index]
+        offset, shape, dtype = self.slots[index]
+        out = torch.empty(shape, dtype=dtype)
+        _read_exact(self.path, offset, out)
+        return out
+
+    def __setitem__(self, index: int, hidden: torch.Tensor) -> None:
+        if self.path is None:
+            self.memory[index] = hidden.detach().to("cpu")
+        else:
+            self._write(index, hidden)
+
+    def _write(self, index: int, hidden: torch.Tensor) -> None:
+        offset, _, _ = self.slots[index]
+        data = hidden.detach().to("cpu").contiguous().view(torch.uint8).numpy()
+        with open(self.path, "r+b") as handle:
+            handle.seek(offset)
+            handle.write(memoryview(data).cast("B"))
+
+
+def _nbytes(shape: torch.Size, dtype: torch.dtype) -> int:
+    return math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+
+
+class BlockwiseModel:
+    """A model whose decoder blocks are read from disk one at a time (see the module docstring).
+
+    ``spec`` is what ``load_model`` accepts, restricted to safetensors folders (or the alias ``smollm2-135m``).
+    ``loaded_blocks`` is the set of blocks whose weights are materialised now; ``max_loaded_blocks`` the most ever
+    materialised at once (1 for every run of this module).
+    """
+
+    def __init__(self, spec: str, dtype: str = "float32", device: str = "cpu") -> None:
+        from accelerate import init_empty_weights  # noqa: PLC0415
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+
+        from foldgpt.models.loading import DTYPES, _is_compact, load_config, resolve_model_path  # noqa: PLC0415
+
+        if dtype not in DTYPES:
+            raise FoldGPTError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
+        path = resolve_model_path(spec)
+        if path.is_file():
+            raise FoldGPTError(f"--offload blocks reads safetensors folders lazily; '{spec}' is a GGUF file (convert it to a folder first)")
+        if _is_compact(path):
+            raise FoldGPTError(f"--offload blocks does not read folded (compact) folders; export '{spec}' with 'foldgpt export --plain' first")
+        config = load_config(path)
+        self.adapter = adapter_for(config)
+        self.source = str(path)
+        self.dtype = DTYPES[dtype]
+        self.device = torch.device(device)
+        self.weights = SafetensorsFolder(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
+        self.model = model.eval()
+        self.config = model.config
+        self.blocks = list(self.adapter.layers(model))
+        self.num_blocks = len(self.blocks)
+        # every parameter once, with all the (module, attribute) places it sits (tied embedding and head)
+        groups: dict[int, list[tuple[str, nn.Module, str]]] = {}
+        for module_name, module in model.named_modules(remove_duplicate=False):
+            for name, parameter in module.named_parameters(recurse=False):
+                full = f"{module_name}.{name}" if module_name else name
+                groups.setdefault(id(parameter), []).append((full, module, name))
+        prefix = self.adapter.layers_path + "."
+        self._block_groups: list[list[list[tuple[str, nn.Module, str]]]] = [[] for _ in self.blocks]
+        outer = []
+        for places in groups.values():
+            full = places[0][0]
+            if full.startswith(prefix):
+                self._block_groups[int(full[len(prefix):].split(".")[0])].append(places)
+            else:
+                outer.append(places)
+        for module in model.modules():  # rotary inverse frequencies, Gemma's embedding scale: real, small, to the device
+            for name, buffer in module.named_buffers(recurse=False):
+                module._buffers[name] = buffer.to(self.device)
+        for places in outer:
+            self._materialise(places)
+        self.adapter.set_layers(model, nn.ModuleList(_Stage(self, i) for i in range(self.num_blocks)))
+        self.loaded_blocks: set[int] = set()
+        self.max_loaded_blocks = 0
+        self._mode = "capture"
+        self._captured: list[tuple[tuple, dict] | None] = []
+        self._first_hidden: torch.Tensor | None = None
+        self._final_hidden: torch.Tensor | None = None
+        self._arguments: dict[tuple[int, ...], list[tuple[tuple, dict]]] = {}
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[-1]
+
+    # weights ---------------------------------------------------------------------------------------------------
+
+    def _renamed_keys(self) -> dict[str, str]:
+        """Model parameter name -> checkpoint key, for the renamings transformers applies on loading (GPT-NeoX's
+        ``embed_out`` -> ``lm_head``, legacy ``gamma``/``beta``)."""
+        try:
+            from transformers.conversion_mapping import get_model_conversion_mapping  # noqa: PLC0415
+            from transformers.core_model_loading import WeightRenaming  # noqa: PLC0415
+
+            renamings = [t for t in get_model_conversion_mapping(self.model) if type(t) is WeightRenaming]
+        except (ImportError, AttributeError, TypeError):  # pragma: no cover - other transformers versions
+            return {}
+        renamed = {}
+        for key in self.weights.entries:
+            for transform in renamings:
+                if len(transform.target_patterns) != 1:
+                    continue
+                for source in transform.source_patterns:
+                    new = re.sub(source, transform.target_patterns[0], key)
+                    if new != key:
+                        renamed.setdefault(new, key)
+        return renamed
+
+    def _checkpoint_key(self, places: list[tuple[str, nn.Module, str]]) -> str:
+        base = getattr(self.model, "base_model_prefix", "") + "."
+        if not hasattr(self, "_renamed"):
+            self._renamed = self._renamed_keys()
+        for full, _, _ in places:
+            for key in (full, full.removeprefix(base), base + full):
+                if key in self.weights:
+                    return key
+                if key in self._renamed:
+                    return self._renamed[key]
+        raise FoldGPTError(f"the weights of '{self.source}' lack '{places[0][0]}'; check that its safetensors files are complete")
+
+    def _materialise(self, places: list[tuple[str, nn.Module, str]]) -> None:
+        _, module, name = places[0]
+        meta = module._parameters[name]
+        tensor = self.weights.read(self._checkpoint_key(places))
+        if tuple(tensor.shape) != tuple(meta.shape):
+            raise FoldGPTError(f"'{places[0][0]}' has shape {tuple(tensor.shape)} on disk but {tuple(meta.shape)} in the config")
+        dtype = self.dtype if tensor.is_floating_point() else tensor.dtype
+        parameter = nn.Parameter(tensor.to(device=self.device, dtype=dtype), requires_grad=False)
+        for _, owner, attribute in places:
+            owner._parameters[attribute] = parameter
+
+    def load_block(self, index: int) -> nn.Module:
+        """Read block ``index``'s tensors onto the compute device; the block, ready to run."""
+        if index not in self.loaded_blocks:
+            self._meta_params = getattr(self, "_meta_params", {})
+            self._meta_params[index] = [[(owner, attr, owner._parameters[attr]) for _, owner, attr in places]
+                                        for places in self._block_groups[index]]
+            for places in self._block_groups[index]:
+                self._materialise(places)
+            self.loaded_blocks.add(index)
+            self.max_loaded_blocks = max(self.max_loaded_blocks, len(self.loaded_blocks))
+        return self.blocks[index]
+
+    def free_block(self, index: int) -> None:
+        """Put block ``index`` back on the meta device (its weights are freed)."""
+        if index in self.loaded_blocks:
+            for group in self._meta_params.pop(index):
+                for owner, attribute, meta in group:
+                    owner._parameters[attribute] = meta
+            self.loaded_blocks.discard(index)
+
+    # the model's own forward, with stand-in blocks -------------------------------------------------------------
+
+    def _stage(self, index: int, hidden: torch.Tensor, args: tuple, kwargs: dict):
+        if self._mode == "capture":
+            if index == 0:
+                self._first_hidden = hidden
+            self._captured.append((args, kwargs))
+            if index == self.num_blocks - 1:
+                raise _Stop
+            return hidden
+        return self._final_hidden if index == self.num_blocks - 1 else hidden
+
+    @torch.no_grad()
+    def embed(self, batch: torch.Tensor) -> torch.Tensor:
+        """The first block's input for ``batch``; records the arguments every block gets for this batch shape."""
+        self._mode, self._captured = "capture", []
+        try:
+            self.model(input_ids=batch.to(self.device), use_cache=False)
+        except _Stop:
+            pass
+        else:  # pragma: no cover - every supported family calls each block
+            raise FoldGPTError("the model's forward did not call every decoder block")
+        self._arguments.setdefault(tuple(batch.shape), self._captured)
+        hidden, self._first_hidden, self._captured = self._first_hidden, None, []
+        return hidden
+
+    @torch.no_grad()
+    def run_block(self, index: int, hidden: torch.Tensor, batch_shape: Sequence[int]) -> torch.Tensor:
+        """Block ``index`` (loaded) on ``hidden``, with the arguments the model's forward gives it."""
+        args, kwargs = self._arguments[tuple(batch_shape)][index]
+        return _hidden_of(self.blocks[index](hidden.to(self.device), *args, **kwargs))
+
+    @torch.no_grad()
+    def logits(self, batch: torch.Tensor, final_hidden: torch.Tensor) -> torch.Tensor:
+        """The model's logits for ``batch`` given its last block's output (final norm, head, soft-capping)."""
+        self._mode, self._final_hidden = "replay", final_hidden.to(self.device)
+        try:
+            return self.model(input_ids=batch.to(self.device), use_cache=False).logits
+        finally:
+            self._mode, self._final_hidden = "capture", None
+
+    @torch.no_grad()
+    def sweep(self, windows: torch.Tensor, batch_size: int, visit, offload_dir: Path | None = None, desc: str = "blocks") -> HiddenStates:
+        """Run every window through every block, block by block; ``visit(index, batch_number, rows, x, y)`` sees each
+        block's input and output per batch. Returns the last block's outputs."""
+        batches = [windows[start : start + batch_size] for start in range(0, len(windows), batch_size)]
+        states = HiddenStates(offload_dir)
+        for batch in batches:
+            states.append(self.embed(batch))
+        for index in tqdm(range(self.num_blocks), desc=desc, leave=False):
+            self.load_block(index)
+            row = 0
+            for number, batch in enumerate(batches):
+                x = states[number].to(self.device)
+                y = self.run_block(index, x, batch.shape)
+                visit(index, number, slice(row, row + len(batch)), x, y)
+                states[number] = y
+                row += len(batch)
+            self.free_block(index)
+        return states
+
+
+# the statistics --------------------------------------------------------------------------------------------------
+
+
+class _UnitOutputs:
+    """Unit-normalised block outputs, one file per block, for the exact token-averaged similarity matrix."""
+
+    def __init__(self, folder: Path, num_blocks: int, hidden_size: int) -> None:
+        self.paths = [folder / f"unit_outputs_{i}.bin" for i in range(num_blocks)]
+        self.hidden_size = hidden_size
+        self.tokens = 0
+        for path in self.paths:
+            path.write_bytes(b"")
+
+    def append(self, index: int, units: torch.Tensor) -> None:
+        data = units.to("cpu", torch.float32).contiguous().reshape(-1, self.hidden_size)
+        with open(self.paths[index], "ab") as handle:
+            handle.write(memoryview(data.view(torch.uint8).numpy()).cast("B"))
+        if index == 0:
+            self.tokens += len(data)
+
+    def gram(self, chunk_bytes: int = 64 * 2**20) -> torch.Tensor:
+        """``sum_t u_i(t) . u_j(t)`` for every pair of blocks, reading ``chunk_bytes`` of states at a time."""
+        blocks = len(self.paths)
+        chunk = max(1, chunk_bytes // (4 * self.hidden_size * blocks))
+        total = torch.zeros(blocks, blocks, dtype=torch.float64)
+        for start in range(0, self.tokens, chunk):
+            rows = min(chunk, self.tokens - start)
+            units = torch.empty(blocks, rows, self.hidden_size)
+            for i, path in enumerate(self.paths):
+                _read_exact(path, 4 * self.hidden_size * start, units[i])
+            flat = units.flatten(1)
+            total += (flat @ flat.T).double()
+        return total
+
+
+@torch.no_grad()
+def blockwise_redundancy_stats(
+    runner: BlockwiseModel, windows: torch.Tensor, batch_size: int = 1, offload_dir: str | Path | None = None
+) -> RedundancyStats:
+    """What :func:`foldgpt.analysis.redundancy_stats` computes, block by block (see the module docstring).
+
+    The similarity matrix needs every block's per-token unit outputs: they go to files (``L x tokens x d`` float32)
+    in ``offload_dir`` or a temporary folder, and are read back in chunks; the hidden states go to ``offload_dir``
+    too when it is given.
+    """
+    num_blocks, hidden_size = runner.num_blocks, runner.hidden_size
+    cos_in_out = torch.zeros(num_blocks, dtype=torch.float64)
+    residual = torch.zeros(num_blocks + 1, len(windows), hidden_size)  # last-token inputs, and the last output
+    with ExitStack() as stack:
+        folder = _scratch(stack, offload_dir)
+        units = _UnitOutputs(folder, num_blocks, hidden_size)
+
+        def visit(index: int, number: int, rows: slice, x: torch.Tensor, y: torch.Tensor) -> None:
+            x, y = x.float(), y.float()
+            cos_in_out[index] += F.cosine_similarity(x, y, dim=-1).sum().double().cpu()
+            residual[index, rows] = x[:, -1].cpu()
+            if index == num_blocks - 1:
+                residual[num_blocks, rows] = y[:, -1].cpu()
+            units.append(index, F.normalize(y, dim=-1))
+
+        runner.sweep(windows, batch_size, visit, folder if offload_dir is not None else None, desc="analysis (blocks)")
+        similarity = units.gram()
+    tokens = windows.numel()
+    unit_residual = F.normalize(residual, dim=-1).transpose(0, 1)  # [n, L+1, H]
+    cosines = (unit_residual @ unit_residual.transpose(1, 2)).clamp(-1.0, 1.0)
+    angular = (torch.arccos(cosines) / math.pi).double().sum(dim=0)
+    return RedundancyStats(
+        block_influence=(1.0 - cos_in_out / tokens).tolist(),
+        similarity=(similarity / tokens).tolist(),
+        angular_distance=(angular / len(windows)).tolist(),
+        tokens=tokens,
+        windows=len(windows),
+        extra={"offload": "blocks", "max_loaded_blocks": runner.max_loaded_blocks},
+    )
+
+
+@torch.no_grad()
+def blockwise_windows_perplexity(
+    runner: BlockwiseModel, windows: torch.Tensor, batch_size: int = 1, offload_dir: str | Path | None = None
+) -> float:
+    """What :func:`foldgpt.evaluation.windows_perplexity` computes, block by block, then the model's head per batch."""
+    with ExitStack() as stack:
+        folder = _scratch(stack, offload_dir) if offload_dir is not None else None
+        states = runner.sweep(windows, batch_size, lambda *_: None, folder, desc="ppl (blocks)")
+        total_nll, total_tokens = 0.0, 0
+        for number, start in enumerate(range(0, len(windows), batch_size)):
+            batch = windows[start : start + batch_size]
+            logits = runner.logits(batch, states[number])[:, :-1].float()
+            targets = batch[:, 1:].to(logits.device)
+            total_nll += F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum").item()
+            total_tokens += targets.numel()
+    mean_nll = total_nll / total_tokens
+    if not math.isfinite(mean_nll):
+        raise FoldGPTError("perplexity is not finite: the model produced NaN or inf logits; check the model's weights and dtype")
+    return math.exp(mean_nll)
+
+
+def blockwise_perplexity(runner: BlockwiseModel, dataset: str = "wikitext2", seqlen: int = 2048, max_tokens: int | None = None,
+                         batch_size: int = 1, offload_dir: str | Path | None = None):
+    """:func:`foldgpt.evaluation.perplexity`, block by block."""
+    from foldgpt.data import evaluation_windows, load_text, tokenize  # noqa: PLC0415
+    from foldgpt.evaluation import PerplexityResult  # noqa: PLC0415
+
+    start = time.perf_counter()
+    windows = evaluation_windows(tokenize(runner.tokenizer, load_text(dataset, "evaluation")), seqlen, max_tokens)
+    value = blockwise_windows_perplexity(runner, windows, batch_size, offload_dir)
+    return PerplexityResult(dataset=dataset, perplexity=value, tokens=windows.numel(), windows=len(windows), seqlen=seqlen,
+                            seconds=time.perf_counter() - start)
+
+
+def blockwise_selection(method: str, runner: BlockwiseModel, windows: torch.Tensor, n_remove: int,
+                        offload_dir: str | Path | None = None):
+    """The ``bi`` or ``angular`` selection, from block-by-block statistics."""
+    from foldgpt.importance.angular import selection_from_stats as angular_selection  # noqa: PLC0415
+    from foldgpt.importance.bi import selection_from_stats as bi_selection  # noqa: PLC0415
+
+    choices = {"bi": bi_selection, "angular": angular_selection}
+    if method not in choices:
+        raise FoldGPTError(f"--offload blocks supports the methods {', '.join(choices)}; '{method}' needs the whole model")
+    start = time.perf_counter()
+    selection = choices[method](blockwise_redundancy_stats(runner, windows, offload_dir=offload_dir), n_remove)
+    selection.seconds = time.perf_counter() - start
+    return selection
+
+
+def _scratch(stack: ExitStack, offload_dir: str | Path | None) -> Path:
+    """``offload_dir`` (created), or a temporary folder removed when ``stack`` closes."""
+    if offload_dir is None:
+        return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="foldgpt-blocks-")))
+    folder = Path(offload_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="foldgpt-blocks-", dir=folder)))
+    return scratch
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (VmHWM), in bytes; 0 where /proc is missing."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+__all__ = [
+    "OFFLOAD_MODES", "BlockwiseModel", "HiddenStates", "SafetensorsFolder", "blockwise_perplexity", "blockwise_redundancy_stats",
+    "blockwise_selection", "blockwise_windows_perplexity", "peak_rss_bytes",
+]
