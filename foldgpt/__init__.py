@@ -9,6 +9,8 @@ The Python API mirrors the CLI::
     folded = foldgpt.fold_model(foldgpt.load("runs/bi6"), group_size=2, out="runs/bi6-g2")  # compact folder
     foldgpt.export_plain(foldgpt.load("runs/bi6-g2"), "runs/bi6-g2-plain")                 # vanilla HF folder
     foldgpt.perplexity(loaded.model, loaded.tokenizer, "wikitext2", seqlen=1024, max_tokens=8192)
+    foldgpt.evaluate_tasks(loaded.model, loaded.tokenizer, ["piqa", "arc_easy"], limit=100)  # lm-eval, offline
+    foldgpt.measure_efficiency(loaded.model, loaded.source)  # parameters, disk, FLOPs, prefill/decode, peak memory
 """
 
 __version__ = "0.1.0"
@@ -23,12 +25,15 @@ from foldgpt.removal import remove_blocks  # noqa: E402
 from foldgpt.folding import FoldResult, export_plain, fold_model  # noqa: E402
 from foldgpt.compress import compress  # noqa: E402
 from foldgpt.healing import HealConfig, HealResult, heal  # noqa: E402
+from foldgpt.lm_tasks import TaskResults, evaluate_tasks  # noqa: E402  (imports lm_eval only when called)
+from foldgpt.efficiency import EfficiencyReport, measure_efficiency  # noqa: E402
 
 load = load_model
 """``foldgpt.load(DIR)``: any MODEL the CLI takes, including compact (folded or healed) folders."""
 
 __all__ = [
     "CalibrationConfig",
+    "EfficiencyReport",
     "FoldGPTError",
     "FoldResult",
     "HealConfig",
@@ -37,13 +42,16 @@ __all__ = [
     "PerplexityResult",
     "PruneResult",
     "RedundancyStats",
+    "TaskResults",
     "analyze",
     "compress",
+    "evaluate_tasks",
     "export_plain",
     "fold_model",
     "heal",
     "load",
     "load_model",
+    "measure_efficiency",
     "perplexity",
     "prune",
     "redundancy_stats",
