@@ -17,7 +17,10 @@ Training data: the text (Alpaca records rendered with ``foldgpt.data.ALPACA_TEMP
 any plain text) is tokenised as one stream and cut into non-overlapping windows of ``seqlen`` tokens, which are
 shuffled with the seed; the first ``eval_windows`` are held out for evaluation, the others are visited in order (a
 fresh seeded permutation per pass). Which windows a step sees is a function of the step number only, so a resumed run
-sees exactly what an uninterrupted one would.
+sees exactly what an uninterrupted one would. Under ``accelerate launch`` / ``torchrun`` with ``W`` processes a step's
+global batch is ``micro_batch * grad_accum * W`` windows, split over the ranks, with gradients averaged over them
+(DDP, or FSDP from the accelerate config; ``foldgpt.distributed``): the same weights as one process with
+``grad_accum * W``, up to float rounding. Only rank 0 writes checkpoints and outputs.
 
 Long runs: a checkpoint (trainable tensors, optimiser state, RNG state, history) is written atomically every
 ``checkpoint_every`` steps and on Ctrl-C (after the step in progress finishes); ``resume=True`` continues from it to the
@@ -38,7 +41,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -52,6 +55,7 @@ from transformers.pytorch_utils import Conv1D
 from foldgpt import __version__
 from foldgpt.artifacts import atomic_output_dir, check_output_free, read_metadata
 from foldgpt.data import load_text, tokenize
+from foldgpt.distributed import DataParallel
 from foldgpt.errors import FoldGPTError
 from foldgpt.importance.gates import activation_checkpointing, distillation_loss, next_token_loss
 from foldgpt.models import adapter_for
@@ -77,6 +81,10 @@ class HealConfig:
     layers named in ``target_modules`` of every block (None: every projection, the family adapter's ``lora_targets``).
     ``eval_every`` steps (and before and after training) the held-out windows are scored. ``teacher_cache`` is a
     folder for the teacher's outputs (logits stored as float16).
+
+    ``world_size`` is the number of data-parallel processes (``accelerate launch`` / ``torchrun``); ``heal`` sets it
+    from the launcher, so leave it at 1. A step then sees ``micro_batch * grad_accum * world_size`` windows (the
+    global batch), each process ``micro_batch * grad_accum`` of them; see ``foldgpt.distributed``.
     """
 
     data: str = "alpaca"
@@ -106,11 +114,12 @@ class HealConfig:
     gradient_checkpointing: bool = False
     teacher_cache: str | None = None
     checkpoint_every: int = 50
+    world_size: int = 1
 
     def __post_init__(self) -> None:
         if self.target_modules is not None:
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
-        for name in ("steps", "seqlen", "micro_batch", "grad_accum", "lora_rank", "tail_layers"):
+        for name in ("steps", "seqlen", "micro_batch", "grad_accum", "lora_rank", "tail_layers", "world_size"):
             if getattr(self, name) < 1:
                 raise FoldGPTError(f"healing needs {name} >= 1, got {getattr(self, name)}")
         if self.seqlen < 2:
@@ -137,7 +146,8 @@ class HealConfig:
 
     @property
     def windows_per_step(self) -> int:
-        return self.micro_batch * self.grad_accum
+        """The global batch: windows per optimiser step over all data-parallel processes."""
+        return self.micro_batch * self.grad_accum * self.world_size
 
     @property
     def tokens_per_step(self) -> int:
@@ -204,9 +214,10 @@ class WindowSchedule:
                 self._permutations[epoch] = torch.randperm(self.count, generator=generator).tolist()
         return self._permutations[epoch]
 
-    def indices(self, step: int, micro: int, config: HealConfig) -> list[int]:
-        """Window indices of micro-batch ``micro`` of ``step`` (1-based)."""
-        first = ((step - 1) * config.grad_accum + micro) * config.micro_batch
+    def indices(self, step: int, micro: int, config: HealConfig, rank: int = 0) -> list[int]:
+        """Window indices of micro-batch ``micro`` of ``step`` (1-based) on data-parallel process ``rank``: the step's
+        ``grad_accum * world_size`` micro-batches in order, ``grad_accum`` consecutive ones per rank."""
+        first = (((step - 1) * config.world_size + rank) * config.grad_accum + micro) * config.micro_batch
         return [self._permutation(p // self.count)[p % self.count] for p in range(first, first + config.micro_batch)]
 
 
@@ -299,7 +310,7 @@ class TeacherOutputs:
 def recording_tail(model: nn.Module, k: int) -> Iterator[dict[int, torch.Tensor]]:
     """Record the outputs of the last ``k`` blocks of ``model`` (a HF or peft model) into a dict ``{j: hidden}``, ``j``
     counting from the first of them; a dict, so recomputation under activation checkpointing just overwrites."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base_model(model)
     layers = adapter_for(base).layers(base)
     if k > len(layers):
         raise FoldGPTError(f"--tail-layers {k} is more than the model's {len(layers)} blocks; use at most {len(layers)}")
@@ -317,6 +328,13 @@ def recording_tail(model: nn.Module, k: int) -> Iterator[dict[int, torch.Tensor]
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """The HF model inside a peft model, itself possibly inside a DDP / FSDP wrapper (``.module``)."""
+    while isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -350,7 +368,7 @@ class Teacher:
                 raise FoldGPTError(f"teacher cache '{cache}' was built for other settings; give another --teacher-cache folder or delete it")
         else:
             cache.mkdir(parents=True, exist_ok=True)
-            tmp = manifest.with_name(f".{manifest.name}.tmp")
+            tmp = manifest.with_name(f".{manifest.name}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps(key, indent=2) + "\n")
             os.replace(tmp, manifest)
 
@@ -372,7 +390,7 @@ class Teacher:
             for row, path in enumerate(paths):
                 tensors = {"logits": fresh.logits[row].half().contiguous()}
                 tensors.update({f"tail.{j}": t[row].contiguous() for j, t in enumerate(fresh.tail)})
-                tmp = path.with_name(f".{path.name}.tmp")
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per data-parallel process
                 save_file(tensors, str(tmp))
                 os.replace(tmp, path)
         loaded = [load_file(str(path)) for path in paths]
@@ -387,7 +405,8 @@ def tail_loss(student_tail: list[torch.Tensor], teacher_tail: list[torch.Tensor]
     """``sum_j mean((s_j - t_j)^2) / mean(t_j^2)`` over the last ``k`` block outputs (0 when they agree)."""
     total = torch.zeros((), device=teacher_tail[0].device)
     for student, teacher in zip(student_tail, teacher_tail, strict=True):
-        total = total + F.mse_loss(student.float(), teacher) / teacher.pow(2).mean().clamp_min(1e-12)
+        teacher = teacher.to(total.device)
+        total = total + F.mse_loss(student.float().to(total.device), teacher) / teacher.pow(2).mean().clamp_min(1e-12)
     return total
 
 
@@ -405,11 +424,11 @@ def loss_terms(
         )
     terms: dict[str, torch.Tensor] = {}
     if all_terms or config.kl_weight > 0:
-        terms["kl"] = distillation_loss(logits, teacher.logits, config.temperature)
+        terms["kl"] = distillation_loss(logits, teacher.logits.to(logits.device), config.temperature)
     if all_terms or config.tail_weight > 0:
-        terms["tail"] = tail_loss([tail[j] for j in range(config.tail_layers)], teacher.tail)
+        terms["tail"] = tail_loss([tail[j] for j in range(config.tail_layers)], teacher.tail).to(logits.device)
     if all_terms or config.lm_weight > 0:
-        terms["lm"] = next_token_loss(logits, ids)
+        terms["lm"] = next_token_loss(logits, ids.to(logits.device))
     return terms
 
 
@@ -474,6 +493,8 @@ def load_checkpoint(folder: Path, expected: dict) -> dict:
     except (OSError, RuntimeError, EOFError) as error:
         raise FoldGPTError(f"cannot read checkpoint {path}: {str(error).splitlines()[0]}; delete it and start again") from error
     stored = state.get("identity", {})
+    if isinstance(stored.get("config"), dict):
+        stored["config"].setdefault("world_size", 1)  # written before data-parallel runs existed: one process
     for name, value in expected.items():
         if stored.get(name) == value:
             continue
@@ -548,7 +569,14 @@ def heal(
     if resume and checkpoint_dir is None:
         raise FoldGPTError("--resume needs a checkpoint folder: give --out (its checkpoint is <out>.checkpoint) or --checkpoint-dir")
     _check_models(student, teacher, config)
-    device = next(student.model.parameters()).device
+    parallel = DataParallel.from_environment()
+    config = _with_world_size(config, parallel, student, teacher, resume)
+    rank, is_main = (parallel.rank, parallel.is_main) if parallel else (0, True)
+    base_dtype = next(student.model.parameters()).dtype
+    if parallel is not None:  # one replica per process, on its own device; an FSDP teacher is sharded too
+        student.model.to(parallel.device)
+        teacher = LoadedModel(model=parallel.prepare_frozen(teacher.model), tokenizer=teacher.tokenizer, source=teacher.source)
+    device = parallel.device if parallel else next(student.model.parameters()).device
     total = config.total_steps
     train_windows, eval_windows = healing_windows(student.tokenizer, config.data, config.seqlen, config.eval_windows, config.seed)
     schedule = WindowSchedule(len(train_windows), config.seed)
@@ -561,24 +589,40 @@ def heal(
     model = add_lora(student.model, config)
     params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=0.0)
+    training_model = model  # under a launcher: the DDP / FSDP wrapper around it
+    if parallel is not None:
+        training_model, optimizer = parallel.prepare(model, optimizer)
     history: list[dict] = []
     evals: list[dict] = []
     start_step, seconds_before = 0, 0.0
     if resume:
         state = load_checkpoint(checkpoint_dir, identity)
-        start_step, history, evals, seconds_before = _restore(state, params, optimizer)
-        print(f"foldgpt: resuming from step {start_step}/{total} ({checkpoint_dir})", file=sys.stderr)
+        start_step, history, evals, seconds_before = _restore(state, params, optimizer, rank)
+        if is_main:
+            print(f"foldgpt: resuming from step {start_step}/{total} ({checkpoint_dir})", file=sys.stderr)
     else:
-        torch.manual_seed(config.seed)
-        evals.append({"step": 0, **evaluate(model, teacher_outputs, eval_windows, config)})
+        torch.manual_seed(config.seed + rank)  # rank 0 (and a single process) as before; other ranks their own dropout
+        evals.append({"step": 0, **evaluate(training_model, teacher_outputs, eval_windows, config)})
 
     def checkpoint(step: int, seconds: float) -> None:
-        if checkpoint_dir is not None:
-            save_checkpoint(checkpoint_dir, {
-                "identity": identity, "step": step, "seconds": seconds,
-                "trainable": {name: p.detach().clone() for name, p in params.items()},
-                "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "history": history, "evals": evals,
-            })
+        if checkpoint_dir is None:
+            return
+        if parallel is not None and parallel.fsdp:
+            trainable = parallel.full_state(training_model, list(params))
+        else:
+            trainable = {name: p.detach().clone() for name, p in params.items()}
+        rng_ranks = parallel.gather_object(torch.get_rng_state()) if parallel else None
+        if is_main:  # only rank 0 writes; the others wait for it
+            state = {
+                "identity": identity, "step": step, "seconds": seconds, "trainable": trainable,
+                "optimizer": None if parallel is not None and parallel.fsdp else optimizer.state_dict(),
+                "rng": torch.get_rng_state(), "history": history, "evals": evals,
+            }
+            if rng_ranks is not None:
+                state["rng_ranks"] = rng_ranks
+            save_checkpoint(checkpoint_dir, state)
+        if parallel is not None:
+            parallel.barrier()
 
     run_start = time.perf_counter()
     step = start_step
@@ -586,11 +630,13 @@ def heal(
     with ExitStack() as stack:
         stack.enter_context(activation_checkpointing(model.get_base_model(), config.gradient_checkpointing))
         interrupt = stack.enter_context(deferred_interrupt())
-        model.train()
-        progress = stack.enter_context(tqdm(total=total, initial=start_step, desc="heal", leave=False, dynamic_ncols=True))
+        training_model.train()
+        progress = stack.enter_context(tqdm(total=total, initial=start_step, desc="heal", leave=False, dynamic_ncols=True,
+                                            disable=None if is_main else True))
         for step in range(start_step + 1, total + 1):
             step_start = time.perf_counter()
-            record = _train_step(model, params, optimizer, teacher_outputs, train_windows, schedule, step, config, device)
+            record = _train_step(training_model, params, optimizer, teacher_outputs, train_windows, schedule, step, config,
+                                 device, parallel)
             record["seconds"] = time.perf_counter() - step_start
             history.append(record)
             elapsed = time.perf_counter() - run_start
@@ -598,30 +644,83 @@ def heal(
             progress.update(1)
             progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{rate:.0f}")
             if config.eval_every and step % config.eval_every == 0 and step != total:
-                evals.append({"step": step, **evaluate(model, teacher_outputs, eval_windows, config)})
+                evals.append({"step": step, **evaluate(training_model, teacher_outputs, eval_windows, config)})
             stop_now = stop_after_steps is not None and step - start_step >= stop_after_steps and step != total
-            if interrupt["interrupted"] or stop_now or (config.checkpoint_every and step % config.checkpoint_every == 0):
+            interrupted = parallel.any(interrupt["interrupted"]) if parallel else interrupt["interrupted"]
+            if interrupted or stop_now or (config.checkpoint_every and step % config.checkpoint_every == 0):
                 checkpoint(step, seconds_before + time.perf_counter() - run_start)
-            if interrupt["interrupted"]:
+            if interrupted:
                 where = f"; checkpoint in {checkpoint_dir}, re-run with --resume to continue" if checkpoint_dir else ""
-                print(f"foldgpt: healing interrupted after step {step}/{total}{where}", file=sys.stderr)
+                if is_main:
+                    print(f"foldgpt: healing interrupted after step {step}/{total}{where}", file=sys.stderr)
                 raise KeyboardInterrupt
             if stop_now:
                 completed = False
                 break
-    model.eval()
+    training_model.eval()
     train_seconds = time.perf_counter() - run_start
     if completed:
-        evals.append({"step": step, **evaluate(model, teacher_outputs, eval_windows, config)})
+        evals.append({"step": step, **evaluate(training_model, teacher_outputs, eval_windows, config)})
     metadata = _metadata(student, teacher, config, model, history, evals, train_seconds, seconds_before, start_step,
                          teacher_outputs)
     result = HealResult(loaded=LoadedModel(model=model, tokenizer=student.tokenizer, source=student.source),
                         metadata=metadata, history=history, evals=evals, completed=completed)
     if completed and out is not None:
-        result.loaded = save_healed(result.loaded, out, metadata, overwrite=overwrite, plain=plain)
-    if completed and checkpoint_dir is not None and out is not None and checkpoint_dir.exists():
+        if parallel is None:
+            result.loaded = save_healed(result.loaded, out, metadata, overwrite=overwrite, plain=plain)
+        else:  # rank 0 writes (under FSDP from the gathered tensors, on a CPU copy); the others wait and keep theirs
+            gathered = parallel.full_state(training_model, list(params)) if parallel.fsdp else None
+            if is_main:
+                loaded = result.loaded if gathered is None else _rebuilt_on_cpu(student, config, gathered, base_dtype)
+                result.loaded = save_healed(loaded, out, metadata, overwrite=overwrite, plain=plain)
+            parallel.barrier()
+    if completed and is_main and checkpoint_dir is not None and out is not None and checkpoint_dir.exists():
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return result
+
+
+def _with_world_size(config: HealConfig, parallel: DataParallel | None, student: LoadedModel, teacher: LoadedModel,
+                     resume: bool) -> HealConfig:
+    """``config`` with the launcher's number of processes; refuses what data-parallel runs cannot do."""
+    if parallel is None:
+        if config.world_size != 1:
+            raise FoldGPTError(
+                f"world_size {config.world_size} needs that many processes: start them with 'accelerate launch' or "
+                "'torchrun' (heal sets world_size from the launcher; leave it at 1)"
+            )
+        return config
+    if config.world_size not in (1, parallel.world):
+        raise FoldGPTError(f"world_size {config.world_size} but the launcher started {parallel.world} processes; leave it at 1")
+    if any(_spread_over_devices(loaded.model) for loaded in (student, teacher)):
+        raise FoldGPTError(
+            "--device-map spreads one model over the devices of one process; a data-parallel launch (accelerate launch, "
+            "torchrun) gives each process its own device instead: use one or the other"
+        )
+    if resume and parallel.fsdp:
+        raise FoldGPTError("--resume is not supported under FSDP (its checkpoints hold no optimiser state); use DDP or restart")
+    return replace(config, world_size=parallel.world)
+
+
+def _spread_over_devices(model: nn.Module) -> bool:
+    """Whether ``model`` was loaded with a device map over more than one device."""
+    placement = getattr(model, "hf_device_map", None) or {}
+    return len(set(placement.values())) > 1
+
+
+def _rebuilt_on_cpu(student: LoadedModel, config: HealConfig, trainable: dict[str, torch.Tensor], dtype: torch.dtype) -> LoadedModel:
+    """The student reloaded from its folder on the CPU with LoRA and the trained tensors (after FSDP sharded it)."""
+    from foldgpt.models.loading import load_model  # noqa: PLC0415
+
+    fresh = load_model(student.source, dtype=_dtype_name(dtype), device="cpu")
+    model = add_lora(fresh.model, config)
+    parameters = dict(model.named_parameters())
+    missing = [name for name in parameters if parameters[name].requires_grad and name not in trainable]
+    if missing:
+        raise FoldGPTError(f"the gathered FSDP state lacks {len(missing)} trained tensors (e.g. {missing[0]}); cannot save")
+    with torch.no_grad():
+        for name, value in trainable.items():
+            parameters[name].copy_(value)
+    return LoadedModel(model=model, tokenizer=fresh.tokenizer, source=student.source)
 
 
 def _check_models(student: LoadedModel, teacher: LoadedModel, config: HealConfig) -> None:
@@ -642,8 +741,9 @@ def _check_models(student: LoadedModel, teacher: LoadedModel, config: HealConfig
     teacher.model.requires_grad_(False)
 
 
-def _restore(state: dict, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> tuple[int, list, list, float]:
-    """Load a checkpoint's trainable tensors, optimiser and RNG state; returns (step, history, evals, seconds)."""
+def _restore(state: dict, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, rank: int = 0) -> tuple[int, list, list, float]:
+    """Load a checkpoint's trainable tensors, optimiser and RNG state (data-parallel: this rank's); returns (step,
+    history, evals, seconds)."""
     stored = state["trainable"]
     if set(stored) != set(params):
         raise FoldGPTError("--resume: the checkpoint's trainable tensors do not match this model; start without --resume")
@@ -651,7 +751,8 @@ def _restore(state: dict, params: dict[str, nn.Parameter], optimizer: torch.opti
         for name, parameter in params.items():
             parameter.copy_(stored[name])
     optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"])
+    rng_ranks = state.get("rng_ranks")
+    torch.set_rng_state(rng_ranks[rank] if rng_ranks else state["rng"])
     return state["step"], list(state["history"]), list(state["evals"]), float(state["seconds"])
 
 
@@ -665,26 +766,39 @@ def _train_step(
     step: int,
     config: HealConfig,
     device: torch.device,
+    parallel: DataParallel | None = None,
 ) -> dict:
-    """One optimiser step over ``grad_accum`` micro-batches; returns the step's loss terms and learning rate."""
+    """One optimiser step over ``grad_accum`` micro-batches (of this process; data-parallel: gradients and the
+    recorded losses are averaged over the processes); returns the step's loss terms and learning rate."""
     lr = learning_rate(step, config)
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
     sums: dict[str, float] = {}
+    rank = parallel.rank if parallel else 0
     for micro in range(config.grad_accum):
-        indices = schedule.indices(step, micro, config)
+        indices = schedule.indices(step, micro, config, rank)
         ids = windows[indices].to(device)
-        terms = loss_terms(model, ids, teacher.outputs("train", indices, ids), config)
-        loss = weighted_loss(terms, config)
-        check_finite(loss, terms, step, config.total_steps)
-        (loss / config.grad_accum).backward()
+        # data-parallel: gradients are all-reduced only in the step's last backward pass
+        with parallel.no_sync(model, sync=micro == config.grad_accum - 1) if parallel else nullcontext():
+            terms = loss_terms(model, ids, teacher.outputs("train", indices, ids), config)
+            loss = weighted_loss(terms, config)
+            check_finite(loss, terms, step, config.total_steps)
+            if parallel:
+                parallel.backward(loss / config.grad_accum)
+            else:
+                (loss / config.grad_accum).backward()
         for name, value in {"loss": loss, **terms}.items():
             sums[name] = sums.get(name, 0.0) + value.item() / config.grad_accum
     grad_norm = None
     if config.max_grad_norm > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm).item()
+        if parallel:
+            grad_norm = parallel.clip_grad_norm(list(params.values()), config.max_grad_norm)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm).item()
     optimizer.step()
+    if parallel:
+        sums = parallel.mean(sums)
     return {"step": step, **sums, "lr": lr, "grad_norm": grad_norm}
 
 

@@ -1,0 +1,159 @@
+"""Data-parallel training through accelerate: one process per device, launched by ``accelerate launch`` or ``torchrun``.
+
+A single process (no launcher, ``WORLD_SIZE`` unset or 1) never touches accelerate, so its results stay exactly what
+they were. Under a launcher with ``W`` processes, ``DataParallel`` wraps an ``accelerate.Accelerator`` (DDP, or FSDP
+when the accelerate config asks for it; gloo on CPUs, NCCL on GPUs): each rank trains on its own share of every
+step's windows, gradients are averaged over the ranks in the backward pass, and only rank 0 writes files.
+
+Global batch: a step sees ``micro_batch * grad_accum * W`` windows; rank ``r`` takes micro-batches
+``r * grad_accum .. (r + 1) * grad_accum - 1`` of the step (see ``WindowSchedule.indices``). Averaging over ranks
+then gives the gradient of one process with ``grad_accum * W`` micro-batches, so ``W`` processes and one process with
+the same global batch train to the same weights, up to the order of float additions (the all-reduce sums in another
+order than local accumulation): equal to about 1e-6 relative in float32, not bitwise.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from foldgpt.errors import FoldGPTError
+
+
+def launched_world_size() -> int:
+    """The number of processes the launcher started (``WORLD_SIZE``; 1 without a launcher)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+class DataParallel:
+    """The accelerate side of a data-parallel run: rank, device, gradient sync, collectives, the writing rank."""
+
+    def __init__(self) -> None:
+        from accelerate import Accelerator  # noqa: PLC0415
+
+        # accelerate only picks gloo on CPU-only machines when told to use the CPU
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.rank = self.accelerator.process_index
+        self.world = self.accelerator.num_processes
+        self.device = self.accelerator.device
+        self.is_main = self.accelerator.is_main_process
+        self.fsdp = self.accelerator.distributed_type.name == "FSDP"
+        if self.world < 2:
+            raise FoldGPTError(
+                f"WORLD_SIZE is {launched_world_size()} but accelerate set up {self.world} process(es); launch with "
+                "'accelerate launch' or 'torchrun' (on a CPU-only machine: torchrun --nproc_per_node N)"
+            )
+
+    @classmethod
+    def from_environment(cls) -> DataParallel | None:
+        """A ``DataParallel`` when started by a launcher with more than one process, else None."""
+        return cls() if launched_world_size() > 1 else None
+
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Wrap the model (DDP / FSDP) and the optimiser; parameters are broadcast from rank 0."""
+        return self.accelerator.prepare(model, optimizer)
+
+    def prepare_frozen(self, model: nn.Module) -> nn.Module:
+        """The teacher: sharded with the student under FSDP (forward only), a plain replica on each rank otherwise."""
+        if self.fsdp:
+            return self.accelerator.prepare_model(model, evaluation_mode=True)
+        return model.to(self.device)
+
+    def no_sync(self, model: nn.Module, sync: bool):
+        """Skip the gradient all-reduce on all but the last micro-batch of a step."""
+        return nullcontext() if sync else self.accelerator.no_sync(model)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def clip_grad_norm(self, parameters: list[nn.Parameter], max_norm: float) -> float:
+        return float(self.accelerator.clip_grad_norm_(parameters, max_norm))
+
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        """Every rank's scalars averaged over the ranks (one all-reduce)."""
+        names = sorted(values)
+        tensor = torch.tensor([values[name] for name in names], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(tensor)
+        return {name: value / self.world for name, value in zip(names, tensor.tolist())}
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is true on one (a Ctrl-C seen by one process stops them all at the same step)."""
+        tensor = torch.tensor([int(flag)], device=self.device)
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+        return bool(tensor.item())
+
+    def gather_object(self, value: object) -> list:
+        gathered: list = [None] * self.world
+        torch.distributed.all_gather_object(gathered, value)
+        return gathered
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return self.accelerator.unwrap_model(model)
+
+    def full_state(self, model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+        """The named tensors in full, on the CPU (gathered from the shards under FSDP; every rank must call this)."""
+        if self.fsdp:
+            state = self.accelerator.get_state_dict(model)
+            return {name: state[name].detach().cpu().clone() for name in names if name in state}
+        parameters = dict(self.unwrap(model).named_parameters())
+        return {name: parameters[name].detach().cpu().clone() for name in names}
+
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+
+# ------------------------------------------------------------------------------------------- one process, many GPUs
+
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def load_placed(spec: str, dtype: str = "float32", device: str = "cpu", device_map: str | None = None):
+    """``load_model``, then with ``device_map`` the blocks spread over the visible devices by accelerate.
+
+    ``device_map`` is ``auto`` / ``balanced`` / ``balanced_low_0`` (every block whole on one device, the blocks
+    balanced over the GPUs), ``sequential`` (fill GPU 0 first), or one device (``cpu``, ``cuda:1``). The model is read
+    on the CPU first (so compact and GGUF folders work the same way), then dispatched: accelerate moves each block's
+    input to its device, and the logits come out on the last block's device. Shared (folded) weights stay one
+    Parameter, so a group is kept on one device.
+    """
+    from foldgpt.models import load_model  # noqa: PLC0415
+
+    if device_map is None:
+        return load_model(spec, dtype=dtype, device=device)
+    loaded = load_model(spec, dtype=dtype, device="cpu")
+    loaded.model = dispatch(loaded.model, device_map)
+    return loaded
+
+
+def dispatch(model: nn.Module, device_map: str) -> nn.Module:
+    """``model`` placed according to ``device_map`` (see ``load_placed``); a strategy sets ``model.hf_device_map``."""
+    from accelerate import dispatch_model, infer_auto_device_map  # noqa: PLC0415
+    from accelerate.utils import get_balanced_memory  # noqa: PLC0415
+
+    from foldgpt.models import adapter_for  # noqa: PLC0415
+
+    if device_map in DEVICE_MAP_STRATEGIES:
+        layers = adapter_for(model).layers(model)
+        no_split = sorted({type(layer).__name__ for layer in layers})
+        max_memory = None
+        if device_map != "sequential":
+            max_memory = get_balanced_memory(model, no_split_module_classes=no_split, low_zero=device_map == "balanced_low_0")
+        placement = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
+    else:
+        try:
+            torch.empty(0, device=device_map)
+        except (RuntimeError, ValueError) as error:
+            raise FoldGPTError(
+                f"--device-map '{device_map}' is neither one of {', '.join(DEVICE_MAP_STRATEGIES)} nor a usable device "
+                f"({str(error).splitlines()[0]})"
+            ) from error
+        return model.to(device_map)  # one device: no dispatch hooks needed
+    if any(str(where) == "disk" for where in placement.values()):
+        raise FoldGPTError("--device-map: the model does not fit in GPU and CPU memory (accelerate would offload it to disk)")
+    return dispatch_model(model, device_map=placement)
