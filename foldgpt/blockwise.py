@@ -19,6 +19,7 @@ hidden states count towards the process's resident memory or address space.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -198,6 +199,7 @@ class BlockwiseModel:
             for name, parameter in module.named_parameters(recurse=False):
                 full = f"{module_name}.{name}" if module_name else name
                 groups.setdefault(id(parameter), []).append((full, module, name))
+        self._tie_embeddings(groups)
         prefix = self.adapter.layers_path + "."
         self._block_groups: list[list[list[tuple[str, nn.Module, str]]]] = [[] for _ in self.blocks]
         outer = []
@@ -221,11 +223,30 @@ class BlockwiseModel:
         self._final_hidden: torch.Tensor | None = None
         self._arguments: dict[tuple[int, ...], list[tuple[tuple, dict]]] = {}
 
+    def skeleton(self) -> nn.Module:
+        """A fresh copy of the model on the meta device, with its real (weightless) blocks: for counting parameters
+        and FLOPs and for removing blocks from the config without reading any weights."""
+        from accelerate import init_empty_weights  # noqa: PLC0415
+        from transformers import AutoModelForCausalLM  # noqa: PLC0415
+
+        with init_empty_weights(include_buffers=False):
+            return AutoModelForCausalLM.from_config(copy.deepcopy(self.config), dtype=self.dtype).eval()
+
     @property
     def hidden_size(self) -> int:
         return self.model.get_input_embeddings().weight.shape[-1]
 
     # weights ---------------------------------------------------------------------------------------------------
+
+    def _tie_embeddings(self, groups: dict[int, list[tuple[str, nn.Module, str]]]) -> None:
+        """One parameter for a tied input embedding and head (the empty-weights context unties them)."""
+        text_config = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+        head, embedding = self.model.get_output_embeddings(), self.model.get_input_embeddings()
+        if not getattr(text_config, "tie_word_embeddings", False) or head is None or embedding is None:
+            return
+        head_id, embedding_id = id(head.weight), id(embedding.weight)
+        if head_id != embedding_id and head_id in groups and embedding_id in groups:
+            groups[embedding_id].extend(groups.pop(head_id))
 
     def _renamed_keys(self) -> dict[str, str]:
         """Model parameter name -> checkpoint key, for the renamings transformers applies on loading (GPT-NeoX's
@@ -478,6 +499,156 @@ def blockwise_selection(method: str, runner: BlockwiseModel, windows: torch.Tens
     return selection
 
 
+# the workflows ---------------------------------------------------------------------------------------------------
+
+
+def analyze_blockwise(spec: str, calibration=None, out: str | Path | None = None, overwrite: bool = False, dtype: str = "float32",
+                      device: str = "cpu", offload_dir: str | Path | None = None) -> RedundancyStats:
+    """:func:`foldgpt.analysis.analyze`, block by block: the same ``analysis.json`` and figures."""
+    from foldgpt.analysis import write_analysis  # noqa: PLC0415
+    from foldgpt.artifacts import atomic_output_dir  # noqa: PLC0415
+    from foldgpt.data import CalibrationConfig, load_windows  # noqa: PLC0415
+
+    calibration = calibration or CalibrationConfig()
+    start = time.perf_counter()
+    runner = BlockwiseModel(spec, dtype=dtype, device=device)
+    windows = load_windows(runner.tokenizer, calibration.data, calibration.nsamples, calibration.seqlen, calibration.seed)
+    stats = blockwise_redundancy_stats(runner, windows, offload_dir=offload_dir)
+    stats.extra = {"model": runner.source, "calibration": vars(calibration), "seconds": time.perf_counter() - start,
+                   **stats.extra, "offload_dir": None if offload_dir is None else str(offload_dir), "peak_rss_bytes": peak_rss_bytes()}
+    if out is not None:
+        with atomic_output_dir(Path(out), overwrite) as folder:
+            write_analysis(stats, folder)
+    return stats
+
+
+def prune_blockwise(spec: str, method: str = "bi", remove: int | None = None, remove_ratio: float | None = None, calibration=None,
+                    out: str | Path | None = None, overwrite: bool = False, target_params: float | None = None,
+                    target_flops: float | None = None, dtype: str = "float32", device: str = "cpu",
+                    offload_dir: str | Path | None = None) -> dict:
+    """:func:`foldgpt.pruning.prune` for ``bi`` / ``angular``, never holding more than one block: the statistics block by
+    block, then the kept tensors copied file to file (renumbered) into the output folder. Returns the metadata
+    written to ``foldgpt.json``."""
+    from foldgpt import __version__  # noqa: PLC0415
+    from foldgpt.artifacts import atomic_output_dir  # noqa: PLC0415
+    from foldgpt.budget import RemovalTarget, blocks_to_remove, model_flops_per_token  # noqa: PLC0415
+    from foldgpt.data import CalibrationConfig, load_windows  # noqa: PLC0415
+    from foldgpt.pruning import _in_original_numbering  # noqa: PLC0415
+    from foldgpt.removal import count_parameters, remove_blocks  # noqa: PLC0415
+
+    if method not in ("bi", "angular"):
+        raise FoldGPTError(f"--offload blocks supports --method bi and angular; '{method}' needs the whole model")
+    calibration = calibration or CalibrationConfig()
+    runner = BlockwiseModel(spec, dtype=dtype, device=device)
+    skeleton = runner.skeleton()
+    num_blocks = runner.num_blocks
+    target = RemovalTarget(remove=remove, remove_ratio=remove_ratio, target_params=target_params, target_flops=target_flops)
+    n_remove = blocks_to_remove(skeleton, target)
+    parameters_before = count_parameters(skeleton)
+    flops_before = model_flops_per_token(skeleton, target.flops_context)
+    start = time.perf_counter()
+    windows = load_windows(runner.tokenizer, calibration.data, calibration.nsamples, calibration.seqlen, calibration.seed)
+    selection = blockwise_selection(method, runner, windows, n_remove, offload_dir)
+    remove_blocks(skeleton, selection.removed)
+    metadata = {
+        "foldgpt_version": __version__,
+        "stage": "prune",
+        "source_model": runner.source,
+        "method": method,
+        "num_blocks_before": num_blocks,
+        "num_blocks_after": num_blocks - n_remove,
+        "removed": selection.removed,
+        "removed_original": _in_original_numbering(runner.source, selection.removed, num_blocks),
+        "scores": selection.scores,
+        "details": selection.details,
+        "calibration": vars(calibration),
+        "parameters_before": parameters_before,
+        "parameters_after": count_parameters(skeleton),
+        "target": {name: getattr(target, name) for name in target.given()},
+        "flops_per_token_before": flops_before,
+        "flops_per_token_after": model_flops_per_token(skeleton, target.flops_context),
+        "flops_context": target.flops_context,
+        "selection_seconds": selection.seconds,
+        "total_seconds": time.perf_counter() - start,
+        "offload": "blocks",
+    }
+    if out is not None:
+        with atomic_output_dir(Path(out), overwrite) as folder:
+            write_without_blocks(runner, skeleton, selection.removed, folder)
+            metadata["total_seconds"] = time.perf_counter() - start
+            metadata["peak_rss_bytes"] = peak_rss_bytes()
+            from foldgpt.artifacts import METADATA_FILE  # noqa: PLC0415
+
+            (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+    return metadata
+
+
+_ST_NAMES = {dtype: name for name, dtype in _ST_DTYPES.items()}
+SHARD_BYTES = 5 * 2**30
+
+
+def write_without_blocks(runner: BlockwiseModel, skeleton: nn.Module, removed: Sequence[int], folder: Path) -> None:
+    """A vanilla HF folder of ``runner``'s model without the blocks ``removed``: the checkpoint's tensors (in the run's
+    dtype) copied one at a time, the kept blocks renumbered; ``skeleton`` carries the shrunk config."""
+    import shutil  # noqa: PLC0415
+
+    removed_set = set(removed)
+    kept = [i for i in range(runner.num_blocks) if i not in removed_set]
+    new_index = {old: new for new, old in enumerate(kept)}
+    base = getattr(skeleton, "base_model_prefix", "") + "."
+    prefixes = {runner.adapter.layers_path + ".", runner.adapter.layers_path.removeprefix(base) + "."}
+    plan = []  # (new key, old key, dtype, shape)
+    for key, (_, dtype, shape, _, _) in runner.weights.entries.items():
+        new_key = key
+        for prefix in prefixes:
+            if key.startswith(prefix):
+                index, rest = key[len(prefix):].split(".", 1)
+                if int(index) in removed_set:
+                    new_key = None
+                else:
+                    new_key = f"{prefix}{new_index[int(index)]}.{rest}"
+                break
+        if new_key is not None:
+            plan.append((new_key, key, runner.dtype if dtype.is_floating_point else dtype, shape))
+    plan.sort()
+    shards, size = [[]], 0
+    for entry in plan:
+        nbytes = _nbytes(torch.Size(entry[3]), entry[2])
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    names = ["model.safetensors"] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, shard in zip(names, shards):
+        header, offset = {}, 0
+        for new_key, _, dtype, shape in shard:
+            nbytes = _nbytes(torch.Size(shape), dtype)
+            header[new_key] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+            weight_map[new_key] = name
+        header["__metadata__"] = {"format": "pt"}
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        with open(folder / name, "wb") as handle:
+            handle.write(struct.pack("<Q", len(encoded)))
+            handle.write(encoded)
+            for _, old_key, dtype, _ in shard:
+                tensor = runner.weights.read(old_key).to(dtype).contiguous()
+                handle.write(memoryview(tensor.view(torch.uint8).numpy()).cast("B"))
+    if len(shards) > 1:
+        total = sum(_nbytes(torch.Size(shape), dtype) for _, _, dtype, shape in plan)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    skeleton.config.dtype = runner.dtype
+    skeleton.config.save_pretrained(folder)
+    generation = Path(runner.source) / "generation_config.json"
+    if generation.is_file():
+        shutil.copyfile(generation, folder / "generation_config.json")
+    runner.tokenizer.save_pretrained(folder)
+
+
 def _scratch(stack: ExitStack, offload_dir: str | Path | None) -> Path:
     """``offload_dir`` (created), or a temporary folder removed when ``stack`` closes."""
     if offload_dir is None:
@@ -501,5 +672,5 @@ def peak_rss_bytes() -> int:
 
 __all__ = [
     "OFFLOAD_MODES", "BlockwiseModel", "HiddenStates", "SafetensorsFolder", "blockwise_perplexity", "blockwise_redundancy_stats",
-    "blockwise_selection", "blockwise_windows_perplexity", "peak_rss_bytes",
+    "blockwise_selection", "analyze_blockwise", "prune_blockwise", "write_without_blocks", "blockwise_windows_perplexity", "peak_rss_bytes",
 ]

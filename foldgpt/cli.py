@@ -58,13 +58,6 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
 
 
-def _add_device_map(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device-map", metavar="MAP",
-                        help="spread each model's blocks over the GPUs of this one process with accelerate: auto / balanced "
-                        "(balanced over the visible GPUs), balanced_low_0, sequential, or one device such as cpu; replaces "
-                        "--device (not with accelerate launch / torchrun, where each process has its own GPU)")
-
-
 def _add_calibration(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("calibration data")
     group.add_argument(
@@ -77,6 +70,22 @@ def _add_calibration(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--nsamples", type=positive_int, default=16, help="number of calibration windows (default: 16)")
     group.add_argument("--seqlen", type=positive_int, default=256, help="tokens per calibration window (default: 256)")
     group.add_argument("--seed", type=int, default=0, help="seed for window offsets and random choices (default: 0)")
+
+
+def _add_offload(parser: argparse.ArgumentParser, what: str) -> None:
+    group = parser.add_argument_group("memory (big models)")
+    group.add_argument("--offload", choices=("none", "blocks"), default="none",
+                       help=f"none: load the whole model; blocks: {what} block by block -- the model is built empty, one decoder "
+                       "block's weights at a time are read from the safetensors files onto --device, the hidden states of "
+                       "every window stay on the CPU (see docs/scaling.md) (default: none)")
+    group.add_argument("--offload-dir", metavar="DIR",
+                       help="with --offload blocks: keep the hidden states (and the analysis's per-block unit outputs) in "
+                       "files under DIR instead of memory (default: memory; the analysis's unit outputs go to a temporary folder)")
+
+
+def _check_offload(args: argparse.Namespace) -> None:
+    if args.offload_dir and args.offload != "blocks":
+        raise FoldGPTError("--offload-dir needs --offload blocks")
 
 
 def _add_output(parser: argparse.ArgumentParser, what: str) -> None:
@@ -163,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "similarity_heatmap.png and block_influence.png to --out.")
     _add_model(analyze)
     _add_calibration(analyze)
+    _add_offload(analyze, "run the analysis")
     _add_output(analyze, "analysis.json and the PNG figures")
     analyze.set_defaults(handler=run_analyze)
 
@@ -171,7 +181,6 @@ def build_parser() -> argparse.ArgumentParser:
                                 "Face folder (loads with AutoModelForCausalLM, no trust_remote_code) plus foldgpt.json with the "
                                 "method, scores and removed block indices (original numbering).")
     _add_model(prune)
-    _add_device_map(prune)
     prune.add_argument("--method", required=True, choices=METHOD_NAMES,
                        help="gates: FoldGPT learned gates (see the gate options); bi: ShortGPT Block Influence; angular: best "
                        "contiguous span (Gromov et al.); sleb: greedy by calibration perplexity (SLEB); last: the last N "
@@ -179,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_targets(prune)
     _add_calibration(prune)
     _add_gate_options(prune)
+    _add_offload(prune, "score blocks (--method bi or angular) and copy the kept tensors file to file")
     _add_output(prune, "the pruned model")
     prune.set_defaults(handler=run_prune)
 
@@ -191,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ppl(evaluate, seqlen=2048, max_tokens=None)
     evaluate.set_defaults(ppl=None)  # perplexity runs when --ppl is given, or when no --tasks / --efficiency is
     _add_task_options(evaluate)
+    _add_offload(evaluate, "score perplexity (--ppl only)")
     evaluate.add_argument("--out", metavar="FILE.json", help="also write the results as JSON")
     evaluate.set_defaults(handler=run_eval)
 
@@ -260,10 +271,10 @@ def _calibration(args: argparse.Namespace):
 
 
 def _load(args: argparse.Namespace):
-    from foldgpt.distributed import load_placed  # noqa: PLC0415
+    from foldgpt.models import load_model  # noqa: PLC0415
 
     start = time.perf_counter()
-    loaded = load_placed(args.model, dtype=args.dtype, device=args.device, device_map=getattr(args, "device_map", None))
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     print(f"loaded {loaded.source} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     return loaded
 
@@ -273,11 +284,21 @@ def run_analyze(args: argparse.Namespace) -> None:
     from foldgpt.artifacts import check_output_free  # noqa: PLC0415
 
     check_output_free(Path(args.out), args.overwrite)
-    stats = analyze(_load(args), _calibration(args), out=args.out, overwrite=args.overwrite)
+    _check_offload(args)
+    if args.offload == "blocks":
+        from foldgpt.blockwise import analyze_blockwise  # noqa: PLC0415
+
+        stats = analyze_blockwise(args.model, _calibration(args), out=args.out, overwrite=args.overwrite, dtype=args.dtype,
+                                  device=args.device, offload_dir=args.offload_dir)
+    else:
+        stats = analyze(_load(args), _calibration(args), out=args.out, overwrite=args.overwrite)
     ranking = sorted(range(stats.num_blocks), key=lambda i: stats.block_influence[i])
     print(f"analysed {stats.num_blocks} blocks on {stats.tokens} tokens in {stats.extra['seconds']:.1f}s")
     print("lowest Block Influence: " + ", ".join(f"{i} ({stats.block_influence[i]:.4f})" for i in ranking[:8]))
     print(f"wrote {args.out}/analysis.json, similarity_heatmap.png, block_influence.png")
+    from foldgpt.blockwise import peak_rss_bytes  # noqa: PLC0415
+
+    print(f"peak resident memory {peak_rss_bytes() / 2**20:.0f} MiB" + (" (block by block)" if args.offload == "blocks" else ""))
 
 
 def run_prune(args: argparse.Namespace) -> None:
@@ -285,6 +306,10 @@ def run_prune(args: argparse.Namespace) -> None:
     from foldgpt.pruning import prune  # noqa: PLC0415
 
     check_output_free(Path(args.out), args.overwrite)
+    _check_offload(args)
+    if args.offload == "blocks":
+        _run_prune_blockwise(args)
+        return
     gate_config = _gate_config(args)
     result = prune(_load(args), args.method, calibration=_calibration(args), out=args.out, overwrite=args.overwrite,
                    gate_config=gate_config, **_targets(args))
@@ -293,6 +318,38 @@ def run_prune(args: argparse.Namespace) -> None:
     print(f"parameters {meta['parameters_before']:,} -> {meta['parameters_after']:,} "
           f"({meta['parameters_after'] / meta['parameters_before']:.1%}); FLOPs/token {meta['flops_per_token_after'] / meta['flops_per_token_before']:.1%} "
           f"of dense; wrote {args.out}")
+
+
+def _run_prune_blockwise(args: argparse.Namespace) -> None:
+    from foldgpt.blockwise import prune_blockwise  # noqa: PLC0415
+
+    if args.method not in ("bi", "angular"):
+        raise FoldGPTError(f"--offload blocks supports --method bi and angular; '{args.method}' needs the whole model")
+    if getattr(args, "granularity", "block") != "block":
+        raise FoldGPTError("--offload blocks removes whole blocks; drop --granularity")
+    meta = prune_blockwise(args.model, args.method, calibration=_calibration(args), out=args.out, overwrite=args.overwrite,
+                           dtype=args.dtype, device=args.device, offload_dir=args.offload_dir, **_targets(args))
+    print(f"{args.method}: removed blocks {meta['removed']} of {meta['num_blocks_before']} in {meta['selection_seconds']:.1f}s "
+          f"(block by block; peak resident memory {meta['peak_rss_bytes'] / 2**20:.0f} MiB)")
+    print(f"parameters {meta['parameters_before']:,} -> {meta['parameters_after']:,} "
+          f"({meta['parameters_after'] / meta['parameters_before']:.1%}); FLOPs/token {meta['flops_per_token_after'] / meta['flops_per_token_before']:.1%} "
+          f"of dense; wrote {args.out}")
+
+
+def _run_eval_blockwise(args: argparse.Namespace, ppl: list[str]) -> None:
+    from foldgpt.artifacts import write_json_atomic  # noqa: PLC0415
+    from foldgpt.blockwise import BlockwiseModel, blockwise_perplexity, peak_rss_bytes  # noqa: PLC0415
+
+    if args.tasks or args.efficiency:
+        raise FoldGPTError("--offload blocks scores perplexity only; run --tasks / --efficiency without it")
+    runner = BlockwiseModel(args.model, dtype=args.dtype, device=args.device)
+    results = [blockwise_perplexity(runner, name, args.eval_seqlen, args.max_tokens, args.batch_size, args.offload_dir) for name in ppl]
+    for result in results:
+        print(f"{result.dataset}: perplexity {result.perplexity:.3f} ({result.tokens} tokens, seqlen {result.seqlen}, {result.seconds:.1f}s)")
+    print(f"block by block; peak resident memory {peak_rss_bytes() / 2**20:.0f} MiB")
+    if args.out:
+        write_json_atomic(Path(args.out), {"model": runner.source, "offload": "blocks",
+                                           "perplexity": {r.dataset: r.to_dict() for r in results}})
 
 
 def run_fold(args: argparse.Namespace) -> None:
@@ -325,6 +382,10 @@ def run_eval(args: argparse.Namespace) -> None:
     from foldgpt.evaluation import perplexity  # noqa: PLC0415
 
     ppl = args.ppl if args.ppl is not None else ([] if args.tasks or args.efficiency else ["wikitext2", "ptb"])
+    _check_offload(args)
+    if args.offload == "blocks":
+        _run_eval_blockwise(args, ppl)
+        return
     manager = None
     if args.tasks:  # resolve the tasks (names, data files) before loading the model, so bad input fails fast
         from foldgpt.lm_tasks import task_manager  # noqa: PLC0415
@@ -453,8 +514,6 @@ def _add_heal_pipeline_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("healing (see 'foldgpt heal --help' for each setting)")
     defaults = HealConfig()
     for field in dataclasses.fields(HealConfig):
-        if field.name == "world_size":  # set by heal from the launcher (accelerate launch / torchrun)
-            continue
         default = getattr(defaults, field.name)
         flag = "--heal-" + field.name.replace("_", "-")
         text = HEAL_OPTION_HELP.get(field.name, field.name.replace("_", " "))
@@ -494,9 +553,7 @@ def _add_heal_options(parser: argparse.ArgumentParser) -> None:
                         "ptb (their validation splits), or a .txt/.jsonl/.json file (default: alpaca)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="weight dtype of student and teacher (default: float32; see --bf16 for mixed precision)")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu); under accelerate "
-                        "launch / torchrun each process uses its own device (cuda:LOCAL_RANK, or cpu)")
-    _add_device_map(parser)
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
     budget = parser.add_argument_group("budget").add_mutually_exclusive_group()
     budget.add_argument("--steps", type=positive_int, default=d.steps, help=f"optimiser steps (default: {d.steps})")
     budget.add_argument("--tokens", type=positive_int, metavar="N", help="train on N tokens instead (rounded up to whole steps)")
@@ -558,28 +615,17 @@ def _heal_config(args: argparse.Namespace):
 
 
 def run_heal(args: argparse.Namespace) -> None:
-    import dataclasses  # noqa: PLC0415
-
     from foldgpt.artifacts import check_output_free  # noqa: PLC0415
-    from foldgpt.distributed import launched_world_size, load_placed  # noqa: PLC0415
     from foldgpt.healing import heal  # noqa: PLC0415
+    from foldgpt.models import load_model  # noqa: PLC0415
 
     check_output_free(Path(args.out), args.overwrite)
     config = _heal_config(args)
-    device, main_process = args.device, True
-    if launched_world_size() > 1:  # accelerate launch / torchrun: one process per device, rank 0 reports
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if args.device.startswith("cuda") else "cpu"
-        main_process = os.environ.get("RANK", "0") == "0"
-        config = dataclasses.replace(config, world_size=launched_world_size())  # the global batch, for the message
-    student = load_placed(args.student, dtype=args.dtype, device=device, device_map=args.device_map)
-    teacher = load_placed(args.teacher, dtype=args.dtype, device=device, device_map=args.device_map)
-    if main_process:
-        print(f"healing {student.source} from {teacher.source}: {config.total_steps} steps x {config.tokens_per_step} tokens",
-              file=sys.stderr)
+    student = load_model(args.student, dtype=args.dtype, device=args.device)
+    teacher = load_model(args.teacher, dtype=args.dtype, device=args.device)
+    print(f"healing {student.source} from {teacher.source}: {config.total_steps} steps x {config.tokens_per_step} tokens", file=sys.stderr)
     result = heal(student, teacher, config, out=args.out, overwrite=args.overwrite, plain=args.plain,
                   checkpoint_dir=args.checkpoint_dir, resume=args.resume)
-    if not main_process:
-        return
     meta, first, last = result.metadata, result.evals[0], result.evals[-1]
     print(f"healed {meta['steps_done']} steps, {meta['tokens_seen']:,} tokens in {meta['train_seconds']:.0f}s "
           f"({meta['tokens_per_second'] or 0:.0f} tokens/s); trainable: {meta['trainable_parameters']['lora']:,} LoRA + "
