@@ -58,6 +58,13 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
 
 
+def _add_device_map(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device-map", metavar="MAP",
+                        help="spread each model's blocks over the GPUs of this one process with accelerate: auto / balanced "
+                        "(balanced over the visible GPUs), balanced_low_0, sequential, or one device such as cpu; replaces "
+                        "--device (not with accelerate launch / torchrun, where each process has its own GPU)")
+
+
 def _add_calibration(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("calibration data")
     group.add_argument(
@@ -181,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "Face folder (loads with AutoModelForCausalLM, no trust_remote_code) plus foldgpt.json with the "
                                 "method, scores and removed block indices (original numbering).")
     _add_model(prune)
+    _add_device_map(prune)
     prune.add_argument("--method", required=True, choices=METHOD_NAMES,
                        help="gates: FoldGPT learned gates (see the gate options); bi: ShortGPT Block Influence; angular: best "
                        "contiguous span (Gromov et al.); sleb: greedy by calibration perplexity (SLEB); last: the last N "
@@ -271,10 +279,10 @@ def _calibration(args: argparse.Namespace):
 
 
 def _load(args: argparse.Namespace):
-    from foldgpt.models import load_model  # noqa: PLC0415
+    from foldgpt.distributed import load_placed  # noqa: PLC0415
 
     start = time.perf_counter()
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    loaded = load_placed(args.model, dtype=args.dtype, device=args.device, device_map=getattr(args, "device_map", None))
     print(f"loaded {loaded.source} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     return loaded
 
@@ -514,6 +522,8 @@ def _add_heal_pipeline_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("healing (see 'foldgpt heal --help' for each setting)")
     defaults = HealConfig()
     for field in dataclasses.fields(HealConfig):
+        if field.name == "world_size":  # set by heal from the launcher (accelerate launch / torchrun)
+            continue
         default = getattr(defaults, field.name)
         flag = "--heal-" + field.name.replace("_", "-")
         text = HEAL_OPTION_HELP.get(field.name, field.name.replace("_", " "))
@@ -553,7 +563,9 @@ def _add_heal_options(parser: argparse.ArgumentParser) -> None:
                         "ptb (their validation splits), or a .txt/.jsonl/.json file (default: alpaca)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="weight dtype of student and teacher (default: float32; see --bf16 for mixed precision)")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu); under accelerate "
+                        "launch / torchrun each process uses its own device (cuda:LOCAL_RANK, or cpu)")
+    _add_device_map(parser)
     budget = parser.add_argument_group("budget").add_mutually_exclusive_group()
     budget.add_argument("--steps", type=positive_int, default=d.steps, help=f"optimiser steps (default: {d.steps})")
     budget.add_argument("--tokens", type=positive_int, metavar="N", help="train on N tokens instead (rounded up to whole steps)")
@@ -615,17 +627,28 @@ def _heal_config(args: argparse.Namespace):
 
 
 def run_heal(args: argparse.Namespace) -> None:
+    import dataclasses  # noqa: PLC0415
+
     from foldgpt.artifacts import check_output_free  # noqa: PLC0415
+    from foldgpt.distributed import launched_world_size, load_placed  # noqa: PLC0415
     from foldgpt.healing import heal  # noqa: PLC0415
-    from foldgpt.models import load_model  # noqa: PLC0415
 
     check_output_free(Path(args.out), args.overwrite)
     config = _heal_config(args)
-    student = load_model(args.student, dtype=args.dtype, device=args.device)
-    teacher = load_model(args.teacher, dtype=args.dtype, device=args.device)
-    print(f"healing {student.source} from {teacher.source}: {config.total_steps} steps x {config.tokens_per_step} tokens", file=sys.stderr)
+    device, main_process = args.device, True
+    if launched_world_size() > 1:  # accelerate launch / torchrun: one process per device, rank 0 reports
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if args.device.startswith("cuda") else "cpu"
+        main_process = os.environ.get("RANK", "0") == "0"
+        config = dataclasses.replace(config, world_size=launched_world_size())  # the global batch, for the message
+    student = load_placed(args.student, dtype=args.dtype, device=device, device_map=args.device_map)
+    teacher = load_placed(args.teacher, dtype=args.dtype, device=device, device_map=args.device_map)
+    if main_process:
+        print(f"healing {student.source} from {teacher.source}: {config.total_steps} steps x {config.tokens_per_step} tokens",
+              file=sys.stderr)
     result = heal(student, teacher, config, out=args.out, overwrite=args.overwrite, plain=args.plain,
                   checkpoint_dir=args.checkpoint_dir, resume=args.resume)
+    if not main_process:
+        return
     meta, first, last = result.metadata, result.evals[0], result.evals[-1]
     print(f"healed {meta['steps_done']} steps, {meta['tokens_seen']:,} tokens in {meta['train_seconds']:.0f}s "
           f"({meta['tokens_per_second'] or 0:.0f} tokens/s); trainable: {meta['trainable_parameters']['lora']:,} LoRA + "
