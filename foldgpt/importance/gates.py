@@ -122,6 +122,7 @@ def _gate_hook(gates: BlockGates, index: int):
         hidden_in = args[0] if args else kwargs["hidden_states"]
         hidden_out = output if isinstance(output, torch.Tensor) else output[0]
         gate = gates.values[index].to(hidden_out)  # same dtype as the stream: bf16 stays bf16
+        hidden_in = hidden_in.to(hidden_out.device)  # a device map moves a block's input inside its forward only
         gated_out = hidden_in + gate * (hidden_out - hidden_in)
         return gated_out if isinstance(output, torch.Tensor) else (gated_out, *output[1:])
 
@@ -175,7 +176,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Plain next-token cross-entropy: position ``i`` predicts token ``i + 1``."""
-    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].to(logits.device).flatten())
 
 
 @contextmanager
