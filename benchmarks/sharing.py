@@ -2,7 +2,8 @@
 
     python benchmarks/sharing.py --groups 1,2,3,4 --remove 0,6 --out benchmarks/results/sharing.json
 
-For each number of removed blocks (by learned gates with their defaults, on WikiText-2 validation 8 x 256 tokens; 0 =
+For each number of removed blocks (by learned gates with their defaults, on the default calibration, WikiText-2
+validation 16 x 256 tokens; 0 =
 the dense model) and each group size G (1 = no sharing), without healing: the folded model is saved in the compact
 format and exported plain; the script reports unique and materialised parameters, the weight bytes of both folders,
 the peak resident memory a fresh process gains loading each folder and running a 4-token forward pass, and WikiText-2 perplexity on the first
@@ -63,7 +64,7 @@ def pruned_source(model: str, remove: int, work: Path) -> str:
     if not (folder / "foldgpt.json").is_file():
         print(f"pruning {remove} blocks with gates into {folder} (once)", flush=True)
         foldgpt.prune(foldgpt.load(model), method="gates", remove=remove, out=folder, overwrite=True,
-                      calibration=CalibrationConfig(nsamples=8, seqlen=256, seed=0))
+                      calibration=CalibrationConfig())
     return str(folder)
 
 

@@ -65,7 +65,7 @@ def _add_device_map(parser: argparse.ArgumentParser) -> None:
                         "--device (not with accelerate launch / torchrun, where each process has its own GPU)")
 
 
-def _add_calibration(parser: argparse.ArgumentParser) -> None:
+def _add_calibration(parser: argparse.ArgumentParser, nsamples: int = 16) -> None:
     group = parser.add_argument_group("calibration data")
     group.add_argument(
         "--calibration",
@@ -74,7 +74,7 @@ def _add_calibration(parser: argparse.ArgumentParser) -> None:
         help="wikitext2 (validation split), ptb (validation), alpaca, a .txt/.jsonl/.json file, or a cached datasets "
         "name (default: wikitext2); named sets are read from $FOLDGPT_DATA or ../shared/data",
     )
-    group.add_argument("--nsamples", type=positive_int, default=16, help="number of calibration windows (default: 16)")
+    group.add_argument("--nsamples", type=positive_int, default=nsamples, help=f"number of calibration windows (default: {nsamples})")
     group.add_argument("--seqlen", type=positive_int, default=256, help="tokens per calibration window (default: 256)")
     group.add_argument("--seed", type=int, default=0, help="seed for window offsets and random choices (default: 0)")
 
@@ -196,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_targets(prune)
     _add_calibration(prune)
     _add_gate_options(prune)
+    prune.add_argument("--granularity", default="block", choices=("block", "sublayer"),
+                       help="block: one gate per block (default); sublayer: --method gates only, one gate on the attention "
+                       "and one on the MLP of each block, so an attention or an MLP can go alone (a block whose two both "
+                       "go is removed); --remove N then counts sub-layers, --target-params/--target-flops remove the "
+                       "fewest sub-layers by ascending gate that meet the budget")
     _add_offload(prune, "score blocks (--method bi or angular) and copy the kept tensors file to file")
     _add_output(prune, "the pruned model")
     prune.set_defaults(handler=run_prune)
@@ -319,10 +324,15 @@ def run_prune(args: argparse.Namespace) -> None:
         _run_prune_blockwise(args)
         return
     gate_config = _gate_config(args)
+    if args.granularity == "sublayer" and args.method != "gates":
+        raise FoldGPTError(f"--granularity sublayer needs --method gates (method '{args.method}' scores whole blocks)")
     result = prune(_load(args), args.method, calibration=_calibration(args), out=args.out, overwrite=args.overwrite,
-                   gate_config=gate_config, **_targets(args))
+                   gate_config=gate_config, granularity=args.granularity, **_targets(args))
     meta = result.metadata
     print(f"{args.method}: removed blocks {meta['removed']} of {meta['num_blocks_before']} in {meta['selection_seconds']:.1f}s")
+    if args.granularity == "sublayer":
+        single = meta["removed_sublayers"]
+        print(f"removed sub-layers of kept blocks: attention {single.get('attention', [])}, MLP {single.get('mlp', [])}")
     print(f"parameters {meta['parameters_before']:,} -> {meta['parameters_after']:,} "
           f"({meta['parameters_after'] / meta['parameters_before']:.1%}); FLOPs/token {meta['flops_per_token_after'] / meta['flops_per_token_before']:.1%} "
           f"of dense; wrote {args.out}")
@@ -480,7 +490,7 @@ def add_compress_options(parser: argparse.ArgumentParser) -> None:
     removal = parser.add_argument_group("block removal")
     removal.add_argument("--method", default="gates", choices=METHOD_NAMES, help="block-selection method (default: gates)")
     _add_targets(parser, default_remove=6)
-    _add_calibration(parser)
+    _add_calibration(parser, nsamples=8)  # the calibration the gate defaults were tuned and benchmarked with
     _add_gate_options(parser)
     sharing = parser.add_argument_group("grouped sharing")
     sharing.add_argument("--group-size", type=positive_int, default=1, metavar="G",
