@@ -573,8 +573,8 @@ def _add_heal_options(parser: argparse.ArgumentParser) -> None:
                         "ptb (their validation splits), or a .txt/.jsonl/.json file (default: alpaca)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="weight dtype of student and teacher (default: float32; see --bf16 for mixed precision)")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu); under accelerate "
-                        "launch / torchrun each process uses its own device (cuda:LOCAL_RANK, or cpu)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu); not used under "
+                        "accelerate launch / torchrun, where each process trains on its own GPU (cuda:LOCAL_RANK; CPU without GPUs)")
     _add_device_map(parser)
     budget = parser.add_argument_group("budget").add_mutually_exclusive_group()
     budget.add_argument("--steps", type=positive_int, default=d.steps, help=f"optimiser steps (default: {d.steps})")
@@ -646,8 +646,8 @@ def run_heal(args: argparse.Namespace) -> None:
     check_output_free(Path(args.out), args.overwrite)
     config = _heal_config(args)
     device, main_process = args.device, True
-    if launched_world_size() > 1:  # accelerate launch / torchrun: one process per device, rank 0 reports
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if args.device.startswith("cuda") else "cpu"
+    if launched_world_size() > 1:  # accelerate launch / torchrun: read on the CPU, heal moves (DDP) or shards (FSDP)
+        device = "cpu"  # the models to each process's own device; rank 0 reports
         main_process = os.environ.get("RANK", "0") == "0"
         config = dataclasses.replace(config, world_size=launched_world_size())  # the global batch, for the message
     student = load_placed(args.student, dtype=args.dtype, device=device, device_map=args.device_map)

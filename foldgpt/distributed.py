@@ -60,10 +60,18 @@ class DataParallel:
         return self.accelerator.prepare(model, optimizer)
 
     def prepare_frozen(self, model: nn.Module) -> nn.Module:
-        """The teacher: sharded with the student under FSDP (forward only), a plain replica on each rank otherwise."""
-        if self.fsdp:
-            return self.accelerator.prepare_model(model, evaluation_mode=True)
-        return model.to(self.device)
+        """The teacher: under FSDP sharded like the student (FSDP2 ``fully_shard`` on each block, then the root; each
+        block is moved to the GPU and sharded in turn), a plain replica on each rank's device otherwise."""
+        if not self.fsdp:
+            return model.to(self.device)
+        from torch.distributed.fsdp import fully_shard  # noqa: PLC0415
+
+        from foldgpt.models import adapter_for  # noqa: PLC0415
+
+        for layer in adapter_for(model).layers(model):
+            fully_shard(layer)
+        fully_shard(model)
+        return model
 
     def no_sync(self, model: nn.Module, sync: bool):
         """Skip the gradient all-reduce on all but the last micro-batch of a step."""
@@ -72,7 +80,10 @@ class DataParallel:
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
 
-    def clip_grad_norm(self, parameters: list[nn.Parameter], max_norm: float) -> float:
+    def clip_grad_norm(self, model: nn.Module, parameters: list[nn.Parameter], max_norm: float) -> float:
+        """Clip the averaged gradients; under FSDP those of the wrapped model (its Parameters replaced the originals)."""
+        if self.fsdp:
+            parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
         return float(self.accelerator.clip_grad_norm_(parameters, max_norm))
 
     def mean(self, values: dict[str, float]) -> dict[str, float]:

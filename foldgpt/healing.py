@@ -561,6 +561,9 @@ def heal(
     a successful run); ``resume`` continues from the one there. ``stop_after_steps`` ends the run early after that
     many steps of this call, with a checkpoint and ``completed=False`` (a simulated interruption).
     """
+    from foldgpt.sublayers import refuse_removed_sublayers  # noqa: PLC0415
+
+    refuse_removed_sublayers(student.model, "healing")
     config = config or HealConfig()
     out = Path(out) if out is not None else None
     if out is not None:
@@ -573,8 +576,9 @@ def heal(
     config = _with_world_size(config, parallel, student, teacher, resume)
     rank, is_main = (parallel.rank, parallel.is_main) if parallel else (0, True)
     base_dtype = next(student.model.parameters()).dtype
-    if parallel is not None:  # one replica per process, on its own device; an FSDP teacher is sharded too
-        student.model.to(parallel.device)
+    if parallel is not None:  # one replica per process, on its own device; FSDP moves and shards block by block
+        if not parallel.fsdp:
+            student.model.to(parallel.device)
         teacher = LoadedModel(model=parallel.prepare_frozen(teacher.model), tokenizer=teacher.tokenizer, source=teacher.source)
     device = parallel.device if parallel else next(student.model.parameters()).device
     total = config.total_steps
@@ -698,6 +702,8 @@ def _with_world_size(config: HealConfig, parallel: DataParallel | None, student:
         )
     if resume and parallel.fsdp:
         raise FoldGPTError("--resume is not supported under FSDP (its checkpoints hold no optimiser state); use DDP or restart")
+    if config.teacher_cache and parallel.fsdp:  # a rank finding a window cached would skip the teacher's all-gathers
+        raise FoldGPTError("--teacher-cache is not supported under FSDP; drop it (the teacher runs on the fly)")
     return replace(config, world_size=parallel.world)
 
 
@@ -793,7 +799,7 @@ def _train_step(
     grad_norm = None
     if config.max_grad_norm > 0:
         if parallel:
-            grad_norm = parallel.clip_grad_norm(list(params.values()), config.max_grad_norm)
+            grad_norm = parallel.clip_grad_norm(model, list(params.values()), config.max_grad_norm)
         else:
             grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm).item()
     optimizer.step()

@@ -1,10 +1,12 @@
 """Data-parallel healing (two CPU processes, gloo, launched by torchrun) trains to the weights of one process with the
-same global batch; the window split over ranks; ``--device-map`` reaches accelerate on heal and prune --method gates."""
+same global batch, also when interrupted and resumed; the window split over ranks; the 8-GPU FSDP config; ``--device-map``
+reaches accelerate on heal and prune --method gates."""
 
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,11 +41,13 @@ def weights(folder):
 
 
 def test_two_gloo_processes_train_to_the_weights_of_one_process_with_the_same_global_batch(folded, monkeypatch):
-    # 2 processes x micro-batch 2 x grad-accum 2 = 8 windows per step, as 1 process x micro-batch 2 x grad-accum 4
+    # 2 processes x micro-batch 2 x grad-accum 2 = 8 windows per step, as 1 process x micro-batch 2 x grad-accum 4;
+    # one launch heals through the CLI (two/) and through the API stopped after step 1 and resumed (resumed/)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    worker = Path(__file__).with_name("distributed_worker.py")
     launched = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "foldgpt.cli",
-         "heal", "folded", "--teacher", "teacher", *HEAL, "--grad-accum", "2", "--out", "two"],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker), "1", "--",
+         "heal", "folded", "--teacher", "teacher", *HEAL, "--grad-accum", "2"],
         cwd=folded, env=env, capture_output=True, text=True, timeout=300,
     )
     assert launched.returncode == 0, launched.stdout + launched.stderr
@@ -52,11 +56,12 @@ def test_two_gloo_processes_train_to_the_weights_of_one_process_with_the_same_gl
     assert main(["heal", "folded", "--teacher", "teacher", *HEAL, "--grad-accum", "4", "--out", "one"]) == 0
     assert main(["heal", "folded", "--teacher", "teacher", *HEAL, "--grad-accum", "2", "--out", "half"]) == 0
 
-    two, one, half = (weights(folded / name) for name in ("two", "one", "half"))
-    assert two.keys() == one.keys() and any("lora_B" in name for name in two)
+    two, resumed, one, half = (weights(folded / name) for name in ("two", "resumed", "one", "half"))
+    assert two.keys() == one.keys() == resumed.keys() and any("lora_B" in name for name in two)
     # the all-reduce adds in another order than local accumulation: equal up to float rounding, not bitwise
     for name, value in one.items():
         torch.testing.assert_close(two[name], value, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(resumed[name], two[name], rtol=0, atol=0, msg=name)  # resuming is exact
     # the comparison is not vacuous: half the global batch (one process's share) trains to other weights
     assert max((half[name] - value).abs().max().item() for name, value in one.items()) > 1e-3
     meta_two, meta_one = (json.loads((folded / name / "foldgpt.json").read_text()) for name in ("two", "one"))
@@ -64,6 +69,22 @@ def test_two_gloo_processes_train_to_the_weights_of_one_process_with_the_same_gl
     assert meta_two["tokens_seen"] == meta_one["tokens_seen"] == 3 * 8 * 16
     assert [r["loss"] for r in meta_two["history"]] == pytest.approx([r["loss"] for r in meta_one["history"]], rel=1e-5)
     assert not (folded / "two.checkpoint").exists()  # rank 0 wrote the step-2 checkpoint and removed it at the end
+    assert not (folded / "resumed.checkpoint").exists()
+
+
+def test_the_8_gpu_fsdp_config_launches_fsdp2_with_8_processes():
+    """What accelerate launch makes of docs/accelerate/fsdp_8gpu.yaml (the environment of each process); not run."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser  # noqa: PLC0415
+    from accelerate.utils.launch import prepare_multi_gpu_env  # noqa: PLC0415
+
+    config = Path(__file__).parents[1] / "docs" / "accelerate" / "fsdp_8gpu.yaml"
+    args = launch_command_parser().parse_args(["--config_file", str(config), "-m", "foldgpt.cli", "heal", "student"])
+    args = _validate_launch_command(args)[0]
+    assert args.use_fsdp and args.num_processes == 8 and not args.cpu
+    env = prepare_multi_gpu_env(args)
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
+    assert env["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP" and env["FSDP_STATE_DICT_TYPE"] == "FULL_STATE_DICT"
+    assert env["ACCELERATE_MIXED_PRECISION"] == "no"
 
 
 def test_each_rank_takes_its_share_of_the_step_windows_of_one_process_with_the_same_global_batch():
