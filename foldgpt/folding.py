@@ -18,6 +18,7 @@ from foldgpt.errors import FoldGPTError
 from foldgpt.models import adapter_for
 from foldgpt.models.compact import WEIGHTS_FILE, save_compact
 from foldgpt.models.loading import LoadedModel
+from foldgpt.sublayers import refuse_removed_sublayers
 from foldgpt.sharing import (
     ParameterReport,
     choose_parents,
@@ -56,6 +57,7 @@ def fold_model(
     model = loaded.model
     if hasattr(model, "get_base_model"):
         raise FoldGPTError("this model carries a LoRA adapter (it was healed); fold before healing, or export it with --plain first")
+    refuse_removed_sublayers(model, "folding")
     num_blocks = len(adapter_for(model).layers(model))
     group_list = _groups(num_blocks, group_size, groups)
     parents = choose_parents(group_list, parent, _gate_values(loaded.source, num_blocks) if parent == "largest-gate" else None)
@@ -83,6 +85,7 @@ def fold_model(
 def export_plain(loaded: LoadedModel, out: str | Path, overwrite: bool = False) -> Path:
     """Write ``loaded`` as a vanilla HF folder: shared weights copied per position, a LoRA adapter merged per position."""
     model: nn.Module = loaded.model
+    refuse_removed_sublayers(model, "exporting (its pruned folder is already a plain folder)")
     unshare(model)  # before merging: merging into a shared base would add one position's delta to the whole group
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
@@ -130,4 +133,7 @@ def _gate_values(source: str, num_blocks: int) -> list[float] | None:
     kept = [i for i in range(metadata["num_blocks_before"]) if i not in removed]
     if len(kept) != num_blocks:
         return None
-    return [metadata["scores"][i] for i in kept]
+    scores = metadata["scores"]
+    if metadata.get("granularity") == "sublayer":  # a block's value: the more open of its two sub-layer gates
+        scores = [max(scores[2 * i], scores[2 * i + 1]) for i in range(len(scores) // 2)]
+    return [scores[i] for i in kept]

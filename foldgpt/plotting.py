@@ -36,6 +36,28 @@ def plot_block_influence(block_influence: Sequence[float], path: Path, title: st
     plt.close(figure)
 
 
+def plot_sublayer_gate_history(history: Sequence[Sequence[float]], path: Path, title: str = "") -> None:
+    """Sub-layer gates after every step (gate ``2 l``: block l's attention, ``2 l + 1``: its MLP): attention gates as
+    solid blue lines, MLP gates as dashed orange lines, darker for later blocks."""
+    figure, axis = plt.subplots(figsize=(7.0, 4.5))
+    steps = range(1, len(history) + 1)
+    num_blocks = len(history[0]) // 2 if history else 0
+    styles = (("attention", plt.get_cmap("Blues"), "-"), ("MLP", plt.get_cmap("Oranges"), "--"))
+    for block in range(num_blocks):
+        shade = 0.35 + 0.65 * block / max(1, num_blocks - 1)
+        for offset, (name, colors, line) in enumerate(styles):
+            axis.plot(steps, [gates[2 * block + offset] for gates in history], color=colors(shade), linestyle=line,
+                      linewidth=1.0, label=name if block == num_blocks - 1 else None)
+    axis.set_xlabel("step")
+    axis.set_ylabel("gate value")
+    axis.set_title(f"Sub-layer gates during training {title}".strip())
+    if num_blocks:
+        axis.legend(title="darker: later block", fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def plot_gate_history(history: Sequence[Sequence[float]], path: Path, title: str = "") -> None:
     """Each block's gate value after every training step: closing gates mark the blocks to remove."""
     figure, axis = plt.subplots(figsize=(7.0, 4.5))

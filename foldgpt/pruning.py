@@ -1,4 +1,9 @@
-"""The ``prune`` workflow, top to bottom: calibration data -> block selection -> removal -> plain HF folder."""
+"""The ``prune`` workflow, top to bottom: calibration data -> block selection -> removal -> plain HF folder.
+
+With ``granularity="sublayer"`` (gates only) the selection is of attention and MLP sub-layers: blocks with both
+closed are removed, single branches are zeroed in the saved folder and recorded in its config (``foldgpt.sublayers``),
+and the returned model has them replaced by weightless ``ZeroBranch``-es, as ``foldgpt.load`` gives it back.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +17,27 @@ from foldgpt.artifacts import atomic_output_dir, read_metadata, save_plain_model
 from foldgpt.data import CalibrationConfig, load_windows
 from foldgpt.importance import METHODS, Selection, select_blocks
 from foldgpt.importance.base import select_blocks_with
-from foldgpt.importance.gates import GateConfig, select_by_gates_with
-from foldgpt.plotting import plot_gate_history
+from foldgpt.importance.gates import GRANULARITIES, GateConfig, select_by_gates_with, select_sublayers_by_gates_with
+from foldgpt.plotting import plot_gate_history, plot_sublayer_gate_history
 from foldgpt.models import adapter_for
 from foldgpt.models.loading import LoadedModel
-from foldgpt.budget import RemovalTarget, blocks_to_remove, model_flops_per_token
+from foldgpt.budget import (
+    RemovalTarget,
+    blocks_to_remove,
+    branch_flops_per_token,
+    branch_parameters,
+    model_flops_per_token,
+    sublayer_budget,
+)
 from foldgpt.removal import count_parameters, remove_blocks
+from foldgpt.sublayers import (
+    BRANCHES,
+    CONFIG_KEY,
+    check_sublayer_removal_supported,
+    drop_removed_sublayers,
+    refuse_removed_sublayers,
+    zero_branch_output,
+)
 
 
 @dataclass
@@ -40,31 +60,49 @@ def prune(
     gate_config: GateConfig | None = None,
     target_params: float | None = None,
     target_flops: float | None = None,
+    granularity: str = "block",
 ) -> PruneResult:
     """Remove blocks from ``loaded.model`` in place with ``method``; save a plain HF folder to ``out`` if given.
 
     Give one target: ``remove`` blocks, ``remove_ratio`` of them, or keep ``target_params`` / ``target_flops`` of the
     model's parameters / FLOPs per token (see ``foldgpt.budget``). ``gate_config`` sets the hyper-parameters of
-    ``method="gates"`` (defaults: ``GateConfig()``).
+    ``method="gates"`` (defaults: ``GateConfig()``). ``granularity="sublayer"`` (gates only) gates and removes attention
+    and MLP sub-layers, the target counted in sub-layers (see ``foldgpt.budget``).
     """
     if method not in METHODS:
         raise FoldGPTError(f"unknown method '{method}'; choose one of {', '.join(sorted(METHODS))}")
+    if granularity not in GRANULARITIES:
+        raise FoldGPTError(f"unknown granularity '{granularity}'; choose one of {', '.join(GRANULARITIES)}")
+    if granularity == "sublayer" and method != "gates":
+        raise FoldGPTError(f"--granularity sublayer needs --method gates (method '{method}' scores whole blocks)")
     calibration = calibration or CalibrationConfig()
     model = loaded.model
     if getattr(model.config, "foldgpt_sharing", None) or hasattr(model, "get_base_model"):
         raise FoldGPTError(f"'{loaded.source}' is folded or healed; remove blocks first, then fold (prune the unfolded model)")
+    refuse_removed_sublayers(model, "pruning")
     num_blocks = len(adapter_for(model).layers(model))
     target = RemovalTarget(remove=remove, remove_ratio=remove_ratio, target_params=target_params, target_flops=target_flops)
-    n_remove = blocks_to_remove(model, target)
+    if granularity == "sublayer":
+        check_sublayer_removal_supported(model)
+        costs, needed = sublayer_budget(model, target)
+    else:
+        n_remove = blocks_to_remove(model, target)
     parameters_before = count_parameters(model)
     flops_before = model_flops_per_token(model, target.flops_context)
     start = time.perf_counter()
     windows = load_windows(loaded.tokenizer, calibration.data, calibration.nsamples, calibration.seqlen, calibration.seed)
-    if method == "gates" and gate_config is not None:
+    if granularity == "sublayer":
+        select = select_sublayers_by_gates_with(gate_config or GateConfig(), costs, needed)
+        selection = select_blocks_with(select, "gates", model, windows, 0, calibration.seed)
+        n_remove = len(selection.removed)
+    elif method == "gates" and gate_config is not None:
         selection = select_blocks_with(select_by_gates_with(gate_config), "gates", model, windows, n_remove, calibration.seed)
     else:
         selection = select_blocks(method, model, windows, n_remove, calibration.seed)
-    remove_blocks(model, selection.removed)
+    saved_sublayers = _remove(model, selection, num_blocks)
+    parameters_after = count_parameters(model) - _branch_total(model, saved_sublayers, lambda block, branch: branch_parameters(model, block, branch))
+    flops_after = model_flops_per_token(model, target.flops_context) - _branch_total(
+        model, saved_sublayers, lambda block, branch: branch_flops_per_token(model, block, branch, target.flops_context))
     metadata = {
         "foldgpt_version": __version__,
         "stage": "prune",
@@ -78,20 +116,52 @@ def prune(
         "details": selection.details,
         "calibration": vars(calibration),
         "parameters_before": parameters_before,
-        "parameters_after": count_parameters(model),
+        "parameters_after": parameters_after,
         "target": {name: getattr(target, name) for name in target.given()},
         "flops_per_token_before": flops_before,
-        "flops_per_token_after": model_flops_per_token(model, target.flops_context),
+        "flops_per_token_after": flops_after,
         "flops_context": target.flops_context,
         "selection_seconds": selection.seconds,
         "total_seconds": time.perf_counter() - start,
     }
+    if granularity == "sublayer":
+        metadata.update(
+            granularity="sublayer",
+            removed_sublayers=selection.removed_sublayers,  # in the input's numbering, blocks that stay
+            removed_sublayers_original={branch: _in_original_numbering(loaded.source, blocks, num_blocks)
+                                        for branch, blocks in selection.removed_sublayers.items()},
+            removed_sublayers_saved=saved_sublayers,  # in the saved folder's numbering, as in its config
+            sublayers_removed=sum(len(v) for v in selection.details["closed_sublayers"].values()),
+            parameters_after_plain=count_parameters(model),  # the zeroed plain folder, every tensor kept
+        )
     if out is not None:
         with atomic_output_dir(Path(out), overwrite) as folder:
             save_plain_model(model, loaded.tokenizer, folder, metadata)
-            if "gate_history" in selection.details:
+            if granularity == "sublayer":
+                plot_sublayer_gate_history(selection.details["gate_history"], folder / "gates.png", title=Path(loaded.source).name)
+            elif "gate_history" in selection.details:
                 plot_gate_history(selection.details["gate_history"], folder / "gates.png", title=Path(loaded.source).name)
+    drop_removed_sublayers(model)  # in memory as foldgpt.load gives the folder back: removed branches hold no weights
     return PruneResult(selection=selection, loaded=loaded, metadata=metadata)
+
+
+def _remove(model, selection: Selection, num_blocks: int) -> dict[str, list[int]]:
+    """Zero the removed branches of kept blocks, remove the blocks, and record the branches in the config (new
+    numbering); returns that record (empty lists when no single branch was removed)."""
+    for branch, blocks in selection.removed_sublayers.items():
+        for block in blocks:
+            zero_branch_output(model, block, branch)
+    remove_blocks(model, selection.removed)
+    kept = [i for i in range(num_blocks) if i not in set(selection.removed)]
+    saved = {branch: [kept.index(b) for b in selection.removed_sublayers.get(branch, [])] for branch in BRANCHES}
+    if any(saved.values()):
+        setattr(model.config, CONFIG_KEY, saved)
+    return saved
+
+
+def _branch_total(model, saved: dict[str, list[int]], cost) -> int:
+    layers = adapter_for(model).layers(model)
+    return sum(cost(layers[index], branch) for branch, blocks in saved.items() for index in blocks)
 
 
 def _in_original_numbering(source: str, removed: list[int], num_blocks: int) -> list[int]:

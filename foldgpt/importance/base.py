@@ -14,13 +14,18 @@ from foldgpt.errors import FoldGPTError
 
 @dataclass
 class Selection:
-    """Which blocks a method removes (original numbering, sorted) and why."""
+    """Which blocks a method removes (original numbering, sorted) and why.
+
+    ``removed_sublayers`` (sub-layer gates only): branches removed from blocks that stay, ``{"attention": [blocks],
+    "mlp": [blocks]}``, original numbering; empty for block methods.
+    """
 
     method: str
     removed: list[int]
     scores: list[float] | None = None
     details: dict = field(default_factory=dict)
     seconds: float = 0.0
+    removed_sublayers: dict[str, list[int]] = field(default_factory=dict)
 
 
 SelectionMethod = Callable[[PreTrainedModel, torch.Tensor, int, int], Selection]

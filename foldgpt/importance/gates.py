@@ -10,6 +10,14 @@ the polarization regulariser of Zhuang et al. (NeurIPS 2020): ``t * |g|`` pulls 
 ``-|g - mean(g)|`` pushes gates away from their mean, so they split into a closed group and an open group instead of
 all shrinking together. Unlike Block Influence, which scores each block alone, the gates are trained jointly and
 so see how blocks compensate for one another. Gates only rank the blocks: the retained blocks ship unchanged.
+
+Sub-layer granularity (ours, DESIGN.md section 2): two gates per block, one on the attention's and one on the MLP's
+residual update (``h += g_a * attention``, ``h += g_m * mlp``; the module whose output is that update is named by the
+adapter: ``attention_update`` / ``mlp_update``). Gate ``2 l`` is block ``l``'s attention, ``2 l + 1`` its MLP. They
+train exactly as block gates do, each weighted in ``R`` by its own share of the FLOPs, and budget control counts the
+cost of the closed sub-layers (one each for ``--remove N``, parameters or FLOPs for the budget targets). The
+sub-layers with the smallest gates are removed until the target is met (``selection_from_sublayer_gates``); a
+block whose two sub-layers both go is removed as a block.
 """
 
 from __future__ import annotations
@@ -28,8 +36,10 @@ from foldgpt.errors import FoldGPTError
 from foldgpt.importance.base import Selection, SelectionMethod, register
 from foldgpt.models import adapter_for
 from foldgpt.models.adapters import LINEAR_TYPES
+from foldgpt.sublayers import BRANCHES, check_sublayer_removal_supported
 
 LOSSES = ("kl", "lm")
+GRANULARITIES = ("block", "sublayer")
 
 
 @dataclass(frozen=True)
@@ -91,10 +101,11 @@ class GateTrainingResult:
     lambda_history: list[float]
     flops_weights: list[float]
     config: GateConfig
+    granularity: str = "block"
 
 
 class BlockGates:
-    """One trainable scalar per decoder block; ``active = False`` makes the hooks pass block outputs through."""
+    """One trainable scalar per decoder block (or per sub-layer); ``active = False`` makes the hooks pass outputs through."""
 
     def __init__(self, num_blocks: int, device: torch.device) -> None:
         self.values = nn.Parameter(torch.ones(num_blocks, device=device))
@@ -129,12 +140,43 @@ def _gate_hook(gates: BlockGates, index: int):
     return hook
 
 
+def _update_gate_hook(gates: BlockGates, index: int):
+    """A forward hook that scales a branch's residual update (a tensor, or the first item of a tuple) by its gate."""
+
+    def hook(module: nn.Module, args: tuple, output: object) -> object:
+        if not gates.active:
+            return None
+        if isinstance(output, torch.Tensor):
+            return gates.values[index].to(output) * output
+        assert isinstance(output, tuple)
+        return (gates.values[index].to(output[0]) * output[0], *output[1:])
+
+    return hook
+
+
+def _check_granularity(granularity: str) -> None:
+    if granularity not in GRANULARITIES:
+        raise FoldGPTError(f"unknown gate granularity '{granularity}'; choose one of {', '.join(GRANULARITIES)}")
+
+
 @contextmanager
-def gated(model: PreTrainedModel) -> Iterator[BlockGates]:
-    """Gate every decoder block while the context is open; on exit the hooks go and the model is as before."""
-    layers = adapter_for(model).layers(model)
-    gates = BlockGates(len(layers), next(model.parameters()).device)
-    handles = [layer.register_forward_hook(_gate_hook(gates, i), with_kwargs=True) for i, layer in enumerate(layers)]
+def gated(model: PreTrainedModel, granularity: str = "block") -> Iterator[BlockGates]:
+    """Gate every decoder block (or, with ``granularity="sublayer"``, every attention and MLP update: gate ``2 l`` and
+    ``2 l + 1``) while the context is open; on exit the hooks go and the model is as before."""
+    _check_granularity(granularity)
+    adapter = adapter_for(model)
+    layers = adapter.layers(model)
+    device = next(model.parameters()).device
+    if granularity == "block":
+        gates = BlockGates(len(layers), device)
+        handles = [layer.register_forward_hook(_gate_hook(gates, i), with_kwargs=True) for i, layer in enumerate(layers)]
+    else:
+        check_sublayer_removal_supported(model)
+        gates = BlockGates(2 * len(layers), device)
+        modules = [adapter.branch_update(layer, branch) for layer in layers for branch in BRANCHES]
+        if len({id(module) for module in modules}) != len(modules):
+            raise FoldGPTError(f"{adapter.family}: the attention and MLP updates are not separate modules; sub-layer gates need them")
+        handles = [module.register_forward_hook(_update_gate_hook(gates, i)) for i, module in enumerate(modules)]
     try:
         yield gates
     finally:
@@ -156,6 +198,27 @@ def block_flops_weights(model: PreTrainedModel) -> torch.Tensor:
     )
     if counts.sum() == 0:
         raise FoldGPTError("cannot weigh blocks by FLOPs: the decoder blocks contain no linear layers")
+    return (counts / counts.sum()).float()
+
+
+def sublayer_flops_weights(model: PreTrainedModel) -> torch.Tensor:
+    """Each sub-layer's share of the per-token matmul FLOPs of all blocks, in gate order (attention 0, MLP 0, ...).
+
+    As ``block_flops_weights``, the share of linear-layer weights: those of the attention's modules, and of the MLP's
+    (``adapter.branch_parts``).
+    """
+    adapter = adapter_for(model)
+    counts = torch.tensor(
+        [
+            sum(m.weight.numel() for name in adapter.branch_parts(branch) for m in layer.get_submodule(name).modules()
+                if isinstance(m, LINEAR_TYPES))
+            for layer in adapter.layers(model)
+            for branch in BRANCHES
+        ],
+        dtype=torch.float64,
+    )
+    if counts.sum() == 0:
+        raise FoldGPTError("cannot weigh sub-layers by FLOPs: the decoder blocks contain no linear layers")
     return (counts / counts.sum()).float()
 
 
@@ -262,29 +325,50 @@ def _micro_batch_loss(model: PreTrainedModel, gates: BlockGates, ids: torch.Tens
     return distillation_loss(student_logits, teacher_logits, config.temperature)
 
 
-def next_lambda(lam: float, gates: torch.Tensor, n_remove: int | None, config: GateConfig) -> float:
-    """Budget control: raise ``lam`` while too few gates are closed, lower it while too many are."""
+def next_lambda(
+    lam: float, gates: torch.Tensor, n_remove: float | None, config: GateConfig, costs: torch.Tensor | None = None
+) -> float:
+    """Budget control: raise ``lam`` while too few gates are closed, lower it while too many are.
+
+    With ``costs`` (one per gate), ``n_remove`` is the cost to remove: too few means the closed gates cost less than
+    it, too many that one closed gate (the cheapest) could reopen and the rest would still cost enough. With unit
+    costs that is the plain count.
+    """
     if n_remove is None or config.lam_growth == 0:
         return lam
-    closed = int((gates < config.closed_below).sum())
-    if closed < n_remove:
+    closed = gates < config.closed_below
+    costs = torch.ones_like(gates, dtype=torch.float64) if costs is None else costs.to(device=gates.device, dtype=torch.float64)
+    removed = float(costs[closed].sum())
+    if removed < n_remove - 1e-9:
         return lam * (1 + config.lam_growth)
-    if closed > n_remove:
+    if bool(closed.any()) and removed - float(costs[closed].min()) >= n_remove - 1e-9:
         return lam / (1 + config.lam_growth)
     return lam
 
 
 def train_gates(
-    model: PreTrainedModel, windows: torch.Tensor, config: GateConfig, seed: int, n_remove: int | None = None
+    model: PreTrainedModel,
+    windows: torch.Tensor,
+    config: GateConfig,
+    seed: int,
+    n_remove: float | None = None,
+    granularity: str = "block",
+    costs: list[float] | None = None,
 ) -> GateTrainingResult:
-    """Train one gate per block on calibration ``windows`` ([n, seqlen] token ids); the model is unchanged after.
+    """Train one gate per block (or per sub-layer) on calibration ``windows`` ([n, seqlen] token ids); the model is
+    unchanged after.
 
-    ``n_remove`` is the removal target that budget control (``config.lam_growth > 0``) steers towards.
+    ``n_remove`` is the removal target that budget control (``config.lam_growth > 0``) steers towards: a number of
+    gates, or with ``costs`` (one per gate) the cost of the gates to close.
     """
+    _check_granularity(granularity)
     if windows.dim() != 2 or len(windows) == 0:
         raise FoldGPTError(f"gate training needs calibration windows of shape [n, seqlen], got {tuple(windows.shape)}")
     device = next(model.parameters()).device
-    weights = block_flops_weights(model).to(device)
+    weights = (block_flops_weights(model) if granularity == "block" else sublayer_flops_weights(model)).to(device)
+    if costs is not None and len(costs) != len(weights):
+        raise FoldGPTError(f"budget control needs one cost per gate: {len(costs)} costs for {len(weights)} gates")
+    cost_tensor = None if costs is None else torch.tensor(costs, dtype=torch.float64)
     batches = window_batches(windows, config.micro_batch, seed)
     history: list[list[float]] = []
     totals: list[float] = []
@@ -296,7 +380,7 @@ def train_gates(
         stack.enter_context(frozen_weights(model))
         stack.enter_context(eval_mode(model))
         stack.enter_context(activation_checkpointing(model, config.gradient_checkpointing))
-        gates = stack.enter_context(gated(model))
+        gates = stack.enter_context(gated(model, granularity))
         optimizer = torch.optim.Adam([gates.values], lr=config.lr)
         progress = tqdm(range(1, config.steps + 1), desc="gates", leave=False)
         for step in progress:
@@ -318,7 +402,7 @@ def train_gates(
             regularizers.append(regularizer.item())
             totals.append(distill + lam * regularizer.item())
             lambdas.append(lam)
-            lam = next_lambda(lam, gates.values.detach(), n_remove, config)
+            lam = next_lambda(lam, gates.values.detach(), n_remove, config, cost_tensor)
             progress.set_postfix(loss=f"{totals[-1]:.4f}")
     return GateTrainingResult(
         gates=history[-1],
@@ -329,6 +413,7 @@ def train_gates(
         lambda_history=lambdas,
         flops_weights=weights.cpu().tolist(),
         config=config,
+        granularity=granularity,
     )
 
 
@@ -339,17 +424,67 @@ def selection_from_gates(result: GateTrainingResult, n_remove: int) -> Selection
         method="gates",
         removed=sorted(ranking[:n_remove]),
         scores=result.gates,
-        details={
-            "final_gates": result.gates,
-            "gate_history": result.gate_history,
-            "loss_history": result.loss_history,
-            "distill_loss_history": result.distill_history,
-            "regularizer_history": result.regularizer_history,
-            "lambda_history": result.lambda_history,
-            "flops_weights": result.flops_weights,
-            "hyperparameters": asdict(result.config),
-        },
+        details=_details(result),
     )
+
+
+def _details(result: GateTrainingResult) -> dict:
+    return {
+        "granularity": result.granularity,
+        "final_gates": result.gates,
+        "gate_history": result.gate_history,
+        "loss_history": result.loss_history,
+        "distill_loss_history": result.distill_history,
+        "regularizer_history": result.regularizer_history,
+        "lambda_history": result.lambda_history,
+        "flops_weights": result.flops_weights,
+        "hyperparameters": asdict(result.config),
+    }
+
+
+def selection_from_sublayer_gates(result: GateTrainingResult, costs: list[float], needed: float) -> Selection:
+    """Remove sub-layers by ascending gate (ties: the earlier gate) until their costs reach ``needed``.
+
+    ``removed`` lists the blocks whose attention and MLP both go (removed as blocks); ``removed_sublayers`` the
+    branches removed from blocks that stay, ``{"attention": [blocks], "mlp": [blocks]}``.
+    """
+    order = sorted(range(len(result.gates)), key=lambda i: (result.gates[i], i))
+    chosen: list[int] = []
+    total = 0.0
+    for index in order:
+        if total >= needed - 1e-9:
+            break
+        chosen.append(index)
+        total += costs[index]
+    if len(chosen) >= len(order) or total < needed - 1e-9:
+        raise FoldGPTError("the removal target would remove every sub-layer; give a smaller target")
+    closed = set(chosen)
+    num_blocks = len(result.gates) // 2
+    blocks = [b for b in range(num_blocks) if 2 * b in closed and 2 * b + 1 in closed]
+    if len(blocks) >= num_blocks:
+        raise FoldGPTError("the removal target would remove every block; give a smaller target")
+    partial = {branch: [b for b in range(num_blocks) if 2 * b + k in closed and b not in blocks]
+               for k, branch in enumerate(BRANCHES)}
+    details = _details(result)
+    details.update(
+        gate_order=[f"{b}.{branch}" for b in range(num_blocks) for branch in BRANCHES],
+        closed_sublayers={branch: [b for b in range(num_blocks) if 2 * b + k in closed] for k, branch in enumerate(BRANCHES)},
+        sublayer_costs=costs,
+        removed_cost=total,
+        needed_cost=needed,
+    )
+    return Selection(method="gates", removed=blocks, scores=result.gates, details=details, removed_sublayers=partial)
+
+
+def select_sublayers_by_gates_with(config: GateConfig, costs: list[float], needed: float) -> SelectionMethod:
+    """A sub-layer selection method: ``costs`` per gate (attention 0, MLP 0, ...) and the cost to remove, ``needed``
+    (``foldgpt.budget.sublayer_budget``). The ``n_remove`` argument of the method is ignored."""
+
+    def select(model: PreTrainedModel, windows: torch.Tensor, n_remove: int, seed: int) -> Selection:
+        result = train_gates(model, windows, config, seed, needed, granularity="sublayer", costs=costs)
+        return selection_from_sublayer_gates(result, costs, needed)
+
+    return select
 
 
 def select_by_gates_with(config: GateConfig) -> SelectionMethod:

