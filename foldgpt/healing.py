@@ -561,6 +561,9 @@ def heal(
     a successful run); ``resume`` continues from the one there. ``stop_after_steps`` ends the run early after that
     many steps of this call, with a checkpoint and ``completed=False`` (a simulated interruption).
     """
+    from foldgpt.sublayers import refuse_removed_sublayers  # noqa: PLC0415
+
+    refuse_removed_sublayers(student.model, "healing")
     config = config or HealConfig()
     out = Path(out) if out is not None else None
     if out is not None:

@@ -253,3 +253,16 @@ def test_cli_sublayer_prune_and_one_line_errors(capsys, text_file, tmp_path):
         assert_one_line_error(code, captured, "removed attention/MLP sub-layers")
         code, captured = run_cli(capsys, "prune", out, "--method", "bi", "--remove", 1, *common, "--out", tmp_path / "again")
         assert_one_line_error(code, captured, "removed attention/MLP sub-layers")
+
+
+def test_heal_fold_and_export_refuse_a_model_with_removed_sublayers(tmp_path):
+    model = zeroed_model("llama", [(2, "mlp")])
+    setattr(model.config, CONFIG_KEY, {"mlp": [2]})
+    loaded = LoadedModel(drop_removed_sublayers(model), tiny_tokenizer(), "tiny")
+    teacher = LoadedModel(tiny_model("llama"), tiny_tokenizer(), "tiny")
+    with pytest.raises(FoldGPTError, match="healing is not supported"):
+        foldgpt.heal(loaded, teacher)
+    with pytest.raises(FoldGPTError, match="folding is not supported"):
+        foldgpt.fold_model(loaded, group_size=2)
+    with pytest.raises(FoldGPTError, match="exporting"):
+        foldgpt.export_plain(loaded, tmp_path / "plain")
