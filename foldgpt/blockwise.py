@@ -411,20 +411,22 @@ class _UnitOutputs:
 
 @torch.no_grad()
 def blockwise_redundancy_stats(
-    runner: BlockwiseModel, windows: torch.Tensor, batch_size: int = 1, offload_dir: str | Path | None = None
+    runner: BlockwiseModel, windows: torch.Tensor, batch_size: int = 1, offload_dir: str | Path | None = None,
+    similarity: bool = True,
 ) -> RedundancyStats:
     """What :func:`foldgpt.analysis.redundancy_stats` computes, block by block (see the module docstring).
 
     The similarity matrix needs every block's per-token unit outputs: they go to files (``L x tokens x d`` float32)
     in ``offload_dir`` or a temporary folder, and are read back in chunks; the hidden states go to ``offload_dir``
-    too when it is given.
+    too when it is given. ``similarity=False`` skips the matrix (left empty) and its files: bi and angular need only
+    the Block Influence and the last-token states.
     """
     num_blocks, hidden_size = runner.num_blocks, runner.hidden_size
     cos_in_out = torch.zeros(num_blocks, dtype=torch.float64)
     residual = torch.zeros(num_blocks + 1, len(windows), hidden_size)  # last-token inputs, and the last output
     with ExitStack() as stack:
         folder = _scratch(stack, offload_dir)
-        units = _UnitOutputs(folder, num_blocks, hidden_size)
+        units = _UnitOutputs(folder, num_blocks, hidden_size) if similarity else None
 
         def visit(index: int, number: int, rows: slice, x: torch.Tensor, y: torch.Tensor) -> None:
             x, y = x.float(), y.float()
@@ -432,17 +434,18 @@ def blockwise_redundancy_stats(
             residual[index, rows] = x[:, -1].cpu()
             if index == num_blocks - 1:
                 residual[num_blocks, rows] = y[:, -1].cpu()
-            units.append(index, F.normalize(y, dim=-1))
+            if units is not None:
+                units.append(index, F.normalize(y, dim=-1))
 
         runner.sweep(windows, batch_size, visit, folder if offload_dir is not None else None, desc="analysis (blocks)")
-        similarity = units.gram()
+        gram = units.gram() if units is not None else None
     tokens = windows.numel()
     unit_residual = F.normalize(residual, dim=-1).transpose(0, 1)  # [n, L+1, H]
     cosines = (unit_residual @ unit_residual.transpose(1, 2)).clamp(-1.0, 1.0)
     angular = (torch.arccos(cosines) / math.pi).double().sum(dim=0)
     return RedundancyStats(
         block_influence=(1.0 - cos_in_out / tokens).tolist(),
-        similarity=(similarity / tokens).tolist(),
+        similarity=(gram / tokens).tolist() if gram is not None else [],
         angular_distance=(angular / len(windows)).tolist(),
         tokens=tokens,
         windows=len(windows),
@@ -494,7 +497,8 @@ def blockwise_selection(method: str, runner: BlockwiseModel, windows: torch.Tens
     if method not in choices:
         raise FoldGPTError(f"--offload blocks supports the methods {', '.join(choices)}; '{method}' needs the whole model")
     start = time.perf_counter()
-    selection = choices[method](blockwise_redundancy_stats(runner, windows, offload_dir=offload_dir), n_remove)
+    stats = blockwise_redundancy_stats(runner, windows, offload_dir=offload_dir, similarity=False)
+    selection = choices[method](stats, n_remove)
     selection.seconds = time.perf_counter() - start
     return selection
 

@@ -65,6 +65,17 @@ def test_hidden_states_on_disk_give_the_same_results(folders, tmp_path):
     assert list((tmp_path / "offload").iterdir()) == []  # scratch files are removed
 
 
+def test_selection_statistics_skip_the_similarity_matrix(folders):
+    """bi and angular need no similarity matrix: without it the other statistics are the same."""
+    loaded = load_model(str(folders["phi3"]))
+    ids = random_ids(batch=2, length=12)
+    stats = blockwise_redundancy_stats(BlockwiseModel(str(folders["phi3"])), ids, similarity=False)
+    expected = redundancy_stats(loaded.model, ids)
+    assert stats.similarity == []
+    assert max_error(expected.block_influence, stats.block_influence) < TOL
+    assert max_error(expected.angular_distance, stats.angular_distance) < TOL
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
 def test_never_more_than_one_block_of_weights_is_materialised(family, folders):
     """At every block call, that block's parameters are real and every other block's are on the meta device; the
