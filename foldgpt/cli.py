@@ -669,6 +669,18 @@ def run_heal(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}" + (f" and {args.out}/plain" if args.plain else ""))
 
 
+def _refuse_launcher_unless_heal(command: str) -> None:
+    """Under accelerate launch / torchrun every process would run the command and write the same output: only ``heal``
+    knows how to split the work (see docs/distributed.md)."""
+    from foldgpt.distributed import launched_world_size  # noqa: PLC0415
+
+    if command != "heal" and launched_world_size() > 1:
+        raise FoldGPTError(
+            f"'foldgpt {command}' runs in one process; only 'foldgpt heal' trains data-parallel under accelerate launch / "
+            "torchrun (for big models: --device-map auto in one process)"
+        )
+
+
 def _interrupt_on_sigterm() -> None:
     """Treat SIGTERM (a scheduler or ``kill``) like Ctrl-C: clean up temporary outputs, keep checkpoints, exit 130."""
 
@@ -685,6 +697,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _interrupt_on_sigterm()
     handler: Callable[[argparse.Namespace], None] = args.handler
     try:
+        _refuse_launcher_unless_heal(args.command)
         if getattr(args, "config", None):
             from foldgpt.config import apply_yaml_config  # noqa: PLC0415
 

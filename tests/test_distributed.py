@@ -131,3 +131,9 @@ def test_device_map_option_loads_through_accelerate(folded, monkeypatch, command
 def test_device_map_rejects_an_unknown_map():
     with pytest.raises(FoldGPTError, match="--device-map 'nowhere'"):
         distributed.dispatch(tiny_model("llama"), "nowhere")
+
+
+def test_other_commands_refuse_to_run_under_a_launcher(monkeypatch, capsys, folded):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["verify", str(folded / "pruned")]) == 2
+    assert "only 'foldgpt heal' trains data-parallel" in capsys.readouterr().err
