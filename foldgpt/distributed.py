@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from contextlib import nullcontext
+from typing import Any
 
 import torch
 from torch import nn
@@ -59,7 +60,7 @@ class DataParallel:
         """Wrap the model (DDP / FSDP) and the optimiser; parameters are broadcast from rank 0."""
         return self.accelerator.prepare(model, optimizer)
 
-    def prepare_frozen(self, model: nn.Module) -> nn.Module:
+    def prepare_frozen(self, model: Any) -> Any:
         """The teacher: under FSDP sharded like the student (FSDP2 ``fully_shard`` on each block, then the root; each
         block is moved to the GPU and sharded in turn), a plain replica on each rank's device otherwise."""
         if not self.fsdp:
@@ -142,7 +143,7 @@ def load_placed(spec: str, dtype: str = "float32", device: str = "cpu", device_m
     return loaded
 
 
-def dispatch(model: nn.Module, device_map: str) -> nn.Module:
+def dispatch(model: Any, device_map: str) -> Any:
     """``model`` placed according to ``device_map`` (see ``load_placed``); a strategy sets ``model.hf_device_map``."""
     from accelerate import dispatch_model, infer_auto_device_map  # noqa: PLC0415
     from accelerate.utils import get_balanced_memory  # noqa: PLC0415

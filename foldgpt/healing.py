@@ -592,7 +592,7 @@ def heal(
 
     model = add_lora(student.model, config)
     params = trainable_parameters(model)
-    optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=0.0)
+    optimizer: torch.optim.Optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=0.0)
     training_model = model  # under a launcher: the DDP / FSDP wrapper around it
     if parallel is not None:
         training_model, optimizer = parallel.prepare(model, optimizer)
