@@ -3,6 +3,7 @@
 # fewer parameters, each healed with the same budget, on WikiText-2, PTB and the five zero-shot tasks.
 #
 #   bash benchmarks/pipeline_results.sh [extra foldgpt compress options, e.g. --limit 0 --max-tokens 0 on a GPU]
+#   RUNS="foldgpt-25 bi-25" bash benchmarks/pipeline_results.sh    # a subset of the runs below
 #
 # Every run shares the dense evaluation and the analysis (identical settings, so the stage is copied, not redone);
 # runs/results/<name>/ holds each run, benchmarks/results/pipeline/ the report (report.md, report.json, figures).
@@ -18,8 +19,10 @@ runs=(
   "bi-40 --method bi --target-params 0.60"
 )
 first=""
+done_runs=()
 for run in "${runs[@]}"; do
   read -r name options <<<"$run"
+  if [ -n "${RUNS:-}" ] && [[ " $RUNS " != *" $name "* ]]; then continue; fi
   if [ -n "$first" ] && [ ! -d "$OUT/$name/dense" ]; then  # reuse the dense evaluation and analysis of the first run
     mkdir -p "$OUT/$name"
     cp -r "$OUT/$first/dense" "$OUT/$first/analysis" "$OUT/$first/config.yaml" "$OUT/$name/"
@@ -27,5 +30,6 @@ for run in "${runs[@]}"; do
   # shellcheck disable=SC2086
   "$FOLDGPT" compress smollm2-135m --out "$OUT/$name" $options "$@"
   first="${first:-$name}"
+  done_runs+=("$OUT/$name")
 done
-"$FOLDGPT" report "$OUT"/foldgpt-25 "$OUT"/bi-25 "$OUT"/foldgpt-40 "$OUT"/bi-40 --out benchmarks/results/pipeline --overwrite
+"$FOLDGPT" report "${done_runs[@]}" --out benchmarks/results/pipeline --overwrite
