@@ -61,3 +61,15 @@ def test_cli_efficiency_alone_writes_json_without_perplexity(capsys, tiny_folder
     assert result["perplexity"] == {} and "tasks" not in result
     assert result["efficiency"]["decode_tokens"] == 4 and result["efficiency"]["prefill_tokens"] == 32
     assert result["efficiency"]["parameters_unique"] <= result["efficiency"]["parameters_total"]
+
+
+def test_a_peft_wrapped_model_counts_its_adapter():
+    from peft import LoraConfig, get_peft_model  # noqa: PLC0415
+
+    model = tiny_model("llama")
+    plain = count_parameters(model)
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).eval()
+    lora = sum(p.numel() for name, p in wrapped.named_parameters() if "lora_" in name)
+    report = measure_efficiency(wrapped, prefill_tokens=16, decode_tokens=3, repeats=1)
+    assert lora > 0 and report.parameters_total == report.parameters_unique == plain + lora
+    assert report.decode_tokens == 3 and report.flops_per_token > model_flops_per_token(tiny_model("llama"), 2048)

@@ -178,3 +178,16 @@ def test_foldgpt_eval_equals_a_direct_lm_eval_run_on_smollm2(capsys, tmp_path):
             assert ours[task][metric] == direct["results"][task][f"{metric},none"], (task, metric)
             assert ours[task][f"{metric}_stderr"] == direct["results"][task][f"{metric}_stderr,none"]
     assert ours["arc_easy"]["acc"] > 0.5 and ours["piqa"]["acc"] > 0.5  # well above chance (0.25 / 0.5) for SmolLM2
+
+
+@needs_data
+def test_a_peft_wrapped_model_is_scored_like_a_plain_one():
+    from peft import LoraConfig, get_peft_model  # noqa: PLC0415
+
+    from foldgpt.lm_tasks import evaluate_tasks  # noqa: PLC0415
+    from tiny import tiny_model, tiny_tokenizer  # noqa: PLC0415
+
+    plain = evaluate_tasks(tiny_model("llama"), tiny_tokenizer(), ["winogrande"], limit=3)
+    wrapped = get_peft_model(tiny_model("llama"), LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).eval()
+    # a fresh LoRA adapter adds zero (B = 0), so the scores are the plain model's
+    assert evaluate_tasks(wrapped, tiny_tokenizer(), ["winogrande"], limit=3).metrics == plain.metrics
