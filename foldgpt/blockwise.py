@@ -230,7 +230,12 @@ class BlockwiseModel:
         from transformers import AutoModelForCausalLM  # noqa: PLC0415
 
         with init_empty_weights(include_buffers=False):
-            return AutoModelForCausalLM.from_config(copy.deepcopy(self.config), dtype=self.dtype).eval()
+            model = AutoModelForCausalLM.from_config(copy.deepcopy(self.config), dtype=self.dtype).eval()
+        text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+        if getattr(text_config, "tie_word_embeddings", False) and head is not None and embedding is not None:
+            head.weight = embedding.weight  # tied, as a loaded model is (the empty-weights context unties them)
+        return model
 
     @property
     def hidden_size(self) -> int:

@@ -19,6 +19,7 @@ from foldgpt.errors import FoldGPTError
 from foldgpt.evaluation import windows_perplexity
 from foldgpt.models import load_model
 from foldgpt.pruning import prune
+from foldgpt.removal import count_parameters
 from tiny import DEPTH, FAMILIES, random_ids, save_tiny, tiny_model, tiny_tokenizer
 
 TOL = 1e-6
@@ -117,6 +118,7 @@ def test_tied_embeddings_and_sharded_checkpoints(tmp_path):
     loaded = load_model(str(tmp_path / "tied"))
     runner = BlockwiseModel(str(tmp_path / "tied"))
     assert runner.model.lm_head.weight is runner.model.model.embed_tokens.weight
+    assert count_parameters(runner.skeleton()) == count_parameters(loaded.model)  # what prune reports
     ids = random_ids(batch=2, length=10)
     assert_same_stats(redundancy_stats(loaded.model, ids), blockwise_redundancy_stats(runner, ids))
     assert blockwise_windows_perplexity(runner, ids) == pytest.approx(windows_perplexity(loaded.model, ids), rel=TOL)
