@@ -57,7 +57,7 @@ def run(argv: list[str], cap: int | None = None) -> dict:
     memory = {}
     for line in done.stdout.splitlines():
         if line.startswith("MEMORY "):
-            memory = eval(line[len("MEMORY "):])  # noqa: S307 - our own child's dict literal
+            memory = eval(line[len("MEMORY "):])  # our own child's dict literal
     error = [line for line in (done.stderr + done.stdout).splitlines() if "error" in line.lower() or "Error" in line]
     result = {"argv": argv, "cap_bytes": cap, "returncode": done.returncode, "seconds": round(seconds, 1),
               "peak_rss_mib": round(memory["VmHWM"] / MiB) if memory else None,

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import PreTrainedModel
 
 from foldgpt.analysis import RedundancyStats, _hidden_of
 from foldgpt.errors import FoldGPTError
@@ -50,7 +51,7 @@ _ST_DTYPES = {
 
 def _read_exact(path: Path, offset: int, out: torch.Tensor) -> None:
     """Fill the contiguous CPU tensor ``out`` with bytes of ``path`` from ``offset`` (positioned read, no mmap)."""
-    view = memoryview(out.view(torch.uint8).numpy()).cast("B") if out.numel() else memoryview(b"")
+    view = out.view(torch.uint8).numpy().data.cast("B") if out.numel() else memoryview(b"")
     with open(path, "rb", buffering=0) as handle:
         handle.seek(offset)
         done = 0
@@ -149,10 +150,11 @@ class HiddenStates:
 
     def _write(self, index: int, hidden: torch.Tensor) -> None:
         offset, _, _ = self.slots[index]
+        assert self.path is not None
         data = hidden.detach().to("cpu").contiguous().view(torch.uint8).numpy()
         with open(self.path, "r+b") as handle:
             handle.seek(offset)
-            handle.write(memoryview(data).cast("B"))
+            handle.write(data.data.cast("B"))
 
 
 def _nbytes(shape: torch.Size, dtype: torch.dtype) -> int:
@@ -218,12 +220,12 @@ class BlockwiseModel:
         self.loaded_blocks: set[int] = set()
         self.max_loaded_blocks = 0
         self._mode = "capture"
-        self._captured: list[tuple[tuple, dict] | None] = []
+        self._captured: list[tuple[tuple, dict]] = []
         self._first_hidden: torch.Tensor | None = None
         self._final_hidden: torch.Tensor | None = None
         self._arguments: dict[tuple[int, ...], list[tuple[tuple, dict]]] = {}
 
-    def skeleton(self) -> nn.Module:
+    def skeleton(self) -> PreTrainedModel:
         """A fresh copy of the model on the meta device, with its real (weightless) blocks: for counting parameters
         and FLOPs and for removing blocks from the config without reading any weights."""
         from accelerate import init_empty_weights  # noqa: PLC0415
@@ -263,7 +265,7 @@ class BlockwiseModel:
             renamings = [t for t in get_model_conversion_mapping(self.model) if type(t) is WeightRenaming]
         except (ImportError, AttributeError, TypeError):  # pragma: no cover - other transformers versions
             return {}
-        renamed = {}
+        renamed: dict[str, str] = {}
         for key in self.weights.entries:
             for transform in renamings:
                 if len(transform.target_patterns) != 1:
@@ -289,6 +291,7 @@ class BlockwiseModel:
     def _materialise(self, places: list[tuple[str, nn.Module, str]]) -> None:
         _, module, name = places[0]
         meta = module._parameters[name]
+        assert meta is not None
         tensor = self.weights.read(self._checkpoint_key(places))
         if tuple(tensor.shape) != tuple(meta.shape):
             raise FoldGPTError(f"'{places[0][0]}' has shape {tuple(tensor.shape)} on disk but {tuple(meta.shape)} in the config")
@@ -341,6 +344,7 @@ class BlockwiseModel:
             raise FoldGPTError("the model's forward did not call every decoder block")
         self._arguments.setdefault(tuple(batch.shape), self._captured)
         hidden, self._first_hidden, self._captured = self._first_hidden, None, []
+        assert hidden is not None
         return hidden
 
     @torch.no_grad()
@@ -395,7 +399,7 @@ class _UnitOutputs:
     def append(self, index: int, units: torch.Tensor) -> None:
         data = units.to("cpu", torch.float32).contiguous().reshape(-1, self.hidden_size)
         with open(self.paths[index], "ab") as handle:
-            handle.write(memoryview(data.view(torch.uint8).numpy()).cast("B"))
+            handle.write(data.view(torch.uint8).numpy().data.cast("B"))
         if index == 0:
             self.tokens += len(data)
 
@@ -596,7 +600,7 @@ _ST_NAMES = {dtype: name for name, dtype in _ST_DTYPES.items()}
 SHARD_BYTES = 5 * 2**30
 
 
-def write_without_blocks(runner: BlockwiseModel, skeleton: nn.Module, removed: Sequence[int], folder: Path) -> None:
+def write_without_blocks(runner: BlockwiseModel, skeleton: PreTrainedModel, removed: Sequence[int], folder: Path) -> None:
     """A vanilla HF folder of ``runner``'s model without the blocks ``removed``: the checkpoint's tensors (in the run's
     dtype) copied one at a time, the kept blocks renumbered; ``skeleton`` carries the shrunk config."""
     import shutil  # noqa: PLC0415
@@ -606,21 +610,19 @@ def write_without_blocks(runner: BlockwiseModel, skeleton: nn.Module, removed: S
     new_index = {old: new for new, old in enumerate(kept)}
     base = getattr(skeleton, "base_model_prefix", "") + "."
     prefixes = {runner.adapter.layers_path + ".", runner.adapter.layers_path.removeprefix(base) + "."}
-    plan = []  # (new key, old key, dtype, shape)
+    plan: list[tuple[str, str, torch.dtype, tuple[int, ...]]] = []  # (new key, old key, dtype, shape)
     for key, (_, dtype, shape, _, _) in runner.weights.entries.items():
-        new_key = key
+        new_key: str | None = key
         for prefix in prefixes:
             if key.startswith(prefix):
                 index, rest = key[len(prefix):].split(".", 1)
-                if int(index) in removed_set:
-                    new_key = None
-                else:
-                    new_key = f"{prefix}{new_index[int(index)]}.{rest}"
+                new_key = None if int(index) in removed_set else f"{prefix}{new_index[int(index)]}.{rest}"
                 break
         if new_key is not None:
             plan.append((new_key, key, runner.dtype if dtype.is_floating_point else dtype, shape))
     plan.sort()
-    shards, size = [[]], 0
+    shards: list[list[tuple[str, str, torch.dtype, tuple[int, ...]]]] = [[]]
+    size = 0
     for entry in plan:
         nbytes = _nbytes(torch.Size(entry[3]), entry[2])
         if shards[-1] and size + nbytes > SHARD_BYTES:
@@ -631,7 +633,8 @@ def write_without_blocks(runner: BlockwiseModel, skeleton: nn.Module, removed: S
     names = ["model.safetensors"] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     for name, shard in zip(names, shards):
-        header, offset = {}, 0
+        header: dict[str, object] = {}
+        offset = 0
         for new_key, _, dtype, shape in shard:
             nbytes = _nbytes(torch.Size(shape), dtype)
             header[new_key] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
@@ -645,11 +648,11 @@ def write_without_blocks(runner: BlockwiseModel, skeleton: nn.Module, removed: S
             handle.write(encoded)
             for _, old_key, dtype, _ in shard:
                 tensor = runner.weights.read(old_key).to(dtype).contiguous()
-                handle.write(memoryview(tensor.view(torch.uint8).numpy()).cast("B"))
+                handle.write(tensor.view(torch.uint8).numpy().data.cast("B"))
     if len(shards) > 1:
         total = sum(_nbytes(torch.Size(shape), dtype) for _, _, dtype, shape in plan)
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        index_file = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index_file, indent=2) + "\n")
     skeleton.config.dtype = runner.dtype
     skeleton.config.save_pretrained(folder)
     generation = Path(runner.source) / "generation_config.json"
@@ -680,6 +683,16 @@ def peak_rss_bytes() -> int:
 
 
 __all__ = [
-    "OFFLOAD_MODES", "BlockwiseModel", "HiddenStates", "SafetensorsFolder", "blockwise_perplexity", "blockwise_redundancy_stats",
-    "blockwise_selection", "analyze_blockwise", "prune_blockwise", "write_without_blocks", "blockwise_windows_perplexity", "peak_rss_bytes",
+    "OFFLOAD_MODES",
+    "BlockwiseModel",
+    "HiddenStates",
+    "SafetensorsFolder",
+    "analyze_blockwise",
+    "blockwise_perplexity",
+    "blockwise_redundancy_stats",
+    "blockwise_selection",
+    "blockwise_windows_perplexity",
+    "peak_rss_bytes",
+    "prune_blockwise",
+    "write_without_blocks",
 ]
