@@ -270,7 +270,7 @@ def test_cli_heal_writes_a_compact_folder(capsys, tmp_path, text_file):
     [
         (["--tail-layers", "99"], "--tail-layers 99"),
         (["--lora-targets", "nope_proj"], "nope_proj"),
-        (["--kl-weight", "0", "--tail-weight", "0"], "all loss weights are 0"),
+        (["--kl-weight", "0", "--tail-weight", "0", "--lm-weight", "0"], "all loss weights are 0"),
         (["--resume"], "no checkpoint"),
     ],
 )
