@@ -40,6 +40,12 @@ class BlockStates:
     outputs: list[torch.Tensor | None]
 
 
+def _captured(value: torch.Tensor | None) -> torch.Tensor:
+    """A state the hooks recorded (every block runs in a forward pass, so none is missing)."""
+    assert value is not None, "a decoder block did not run during the forward pass"
+    return value
+
+
 def _hidden_of(value: object) -> torch.Tensor:
     """The hidden-state tensor of a block's input or output (a tensor, or the first item of a tuple)."""
     if isinstance(value, torch.Tensor):
@@ -117,8 +123,8 @@ def redundancy_stats(model: PreTrainedModel, windows: torch.Tensor, batch_size: 
         for start in tqdm(range(0, len(windows), batch_size), desc="analysis", leave=False):
             batch = windows[start : start + batch_size].to(device)
             model(input_ids=batch, use_cache=False)
-            inputs = torch.stack([t.float() for t in states.inputs])  # [L, B, T, H]
-            outputs = torch.stack([t.float() for t in states.outputs])
+            inputs = torch.stack([_captured(t).float() for t in states.inputs])  # [L, B, T, H]
+            outputs = torch.stack([_captured(t).float() for t in states.outputs])
             cos_in_out += F.cosine_similarity(inputs, outputs, dim=-1).sum(dim=(1, 2)).double().cpu()
             unit_outputs = F.normalize(outputs, dim=-1).flatten(1)  # [L, B*T*H]; dot = sum of per-token cosines
             similarity += (unit_outputs @ unit_outputs.T).double().cpu()

@@ -84,7 +84,7 @@ def fold_model(
 
 def export_plain(loaded: LoadedModel, out: str | Path, overwrite: bool = False) -> Path:
     """Write ``loaded`` as a vanilla HF folder: shared weights copied per position, a LoRA adapter merged per position."""
-    model: nn.Module = loaded.model
+    model = loaded.model
     refuse_removed_sublayers(model, "exporting (its pruned folder is already a plain folder)")
     unshare(model)  # before merging: merging into a shared base would add one position's delta to the whole group
     if hasattr(model, "merge_and_unload"):

@@ -63,7 +63,7 @@ def renumber_layer_indices(layers: nn.ModuleList) -> None:
     for new_index, layer in enumerate(layers):
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
-                module.layer_idx = new_index
+                setattr(module, "layer_idx", new_index)  # noqa: B010 (an attribute torch types as Tensor | Module)
 
 
 def remove_blocks(model: PreTrainedModel, removed: Sequence[int]) -> PreTrainedModel:

@@ -108,20 +108,20 @@ def report_table(rows: list[ModelRow]) -> tuple[list[str], list[list[str]]]:
 
 def write_report(sources: list[str | Path], out: str | Path, overwrite: bool = True) -> Path:
     """Write ``out/report.md``, ``out/report.json`` and the figures for the given inputs; return ``out``."""
-    sources = [Path(source) for source in sources]
-    rows = collect_rows(sources)
+    paths = [Path(source) for source in sources]
+    rows = collect_rows(paths)
     header, cells = report_table(rows)
     markdown = ["# foldgpt report", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     markdown += ["| " + " | ".join(line) + " |" for line in cells]
     markdown += ["", "Parameters are unique parameters (a shared tensor counts once). Retention is relative to the dense row.", ""]
     with atomic_output_dir(Path(out), overwrite=overwrite) as folder:
-        figures = _copy_run_figures(sources, folder)
+        figures = _copy_run_figures(paths, folder)
         if any(row.parameters and row.perplexity for row in rows):
             plot_perplexity_against_parameters(rows, folder / "perplexity_vs_parameters.png")
             figures.append("perplexity_vs_parameters.png")
         markdown += [f"![{name}]({name})" for name in figures]
         (folder / "report.md").write_text("\n".join(markdown) + "\n")
-        (folder / "report.json").write_text(json.dumps({"sources": [str(s) for s in sources], "header": header, "rows": [asdict(r) for r in rows]},
+        (folder / "report.json").write_text(json.dumps({"sources": [str(s) for s in paths], "header": header, "rows": [asdict(r) for r in rows]},
                                                        indent=2) + "\n")
     return Path(out)
 

@@ -127,8 +127,9 @@ def share_linear_weights(parent: nn.Module, child: nn.Module) -> None:
         if not isinstance(source, LINEAR_TYPES):
             continue
         target = child.get_submodule(name)
-        if target.weight.shape != source.weight.shape:
-            raise FoldGPTError(f"cannot share '{name}': shapes {tuple(source.weight.shape)} and {tuple(target.weight.shape)} differ")
+        source_shape, target_shape = tuple(source.weight.shape), tuple(target.weight.shape)  # type: ignore[arg-type]
+        if target_shape != source_shape:
+            raise FoldGPTError(f"cannot share '{name}': shapes {source_shape} and {target_shape} differ")
         target.weight = source.weight
         if source.bias is not None:
             target.bias = source.bias

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from typing import Any
 from dataclasses import asdict, dataclass
 
 import torch
@@ -127,7 +128,7 @@ class BlockGates:
 def _gate_hook(gates: BlockGates, index: int):
     """A forward hook that replaces a block's output by ``h_in + g * (output - h_in)``, keeping a tuple a tuple."""
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if not gates.active:
             return None
         hidden_in = args[0] if args else kwargs["hidden_states"]

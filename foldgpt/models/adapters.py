@@ -8,6 +8,7 @@ architecture's attribute names directly: it asks the adapter. Adding a family is
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
@@ -108,7 +109,7 @@ class ArchitectureAdapter:
                 raise FoldGPTError(f"{self.family} models with {attribute}={value} are not supported: {reason}")
 
 
-_GEMMA_UPDATES = {"attention_update": "post_attention_layernorm", "mlp_update": "post_feedforward_layernorm"}
+_GEMMA_UPDATES: dict[str, Any] = {"attention_update": "post_attention_layernorm", "mlp_update": "post_feedforward_layernorm"}
 _GPT2_REFUSED = (
     ("scale_attn_by_inverse_layer_idx", True, "each block scales its attention by its position, so a kept block would "
      "compute something else once blocks before it are removed"),
@@ -145,9 +146,9 @@ def supported_model_types() -> list[str]:
     return [model_type for adapter in ADAPTERS for model_type in adapter.model_types]
 
 
-def adapter_for(model_or_config: PreTrainedModel | PretrainedConfig) -> ArchitectureAdapter:
-    """The adapter of a model or config, or a one-line error listing what is supported."""
-    config = model_or_config.config if isinstance(model_or_config, PreTrainedModel) else model_or_config
+def adapter_for(model_or_config: nn.Module | PretrainedConfig) -> ArchitectureAdapter:
+    """The adapter of a model (any module with a ``config``) or of a config, or a one-line error listing what is supported."""
+    config: Any = getattr(model_or_config, "config", model_or_config)
     model_type = getattr(config, "model_type", None)
     for adapter in ADAPTERS:
         if model_type in adapter.model_types:

@@ -17,6 +17,7 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -35,9 +36,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class LoadedModel:
-    """A model ready for foldgpt: the HF model in eval mode, its tokenizer, and where it came from."""
+    """A model ready for foldgpt: the HF model in eval mode (a peft ``PeftModel`` around it for a healed compact
+    folder), its tokenizer, and where it came from."""
 
-    model: PreTrainedModel
+    model: Any
     tokenizer: PreTrainedTokenizerBase
     source: str
 
@@ -94,6 +96,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32", device: str = 
         raise FoldGPTError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
     path = resolve_model_path(spec)
     adapter_for(load_config(path))  # fail fast, before reading any weights
+    model: Any
     try:
         if path.is_file():
             model, tokenizer = _load_gguf(path)
