@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# README command 2: set up the environment, then run the whole test suite. Extra arguments go to pytest.
+# README command 2: set up the environment, then the static checks (ruff, mypy) and the whole test suite.
+# Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")"
 bash scripts/setup_env.sh
-exec "${FOLDGPT_VENV:-.venv}/bin/python" -m pytest "$@"
+VENV="${FOLDGPT_VENV:-.venv}"
+"$VENV/bin/ruff" check foldgpt tests benchmarks
+"$VENV/bin/mypy" foldgpt
+exec "$VENV/bin/python" -m pytest "$@"

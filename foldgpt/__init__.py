@@ -15,18 +15,18 @@ The Python API mirrors the CLI::
 
 __version__ = "0.1.0"
 
-from foldgpt.errors import FoldGPTError  # noqa: E402
-from foldgpt.models.loading import LoadedModel, load_model  # noqa: E402
-from foldgpt.data import CalibrationConfig  # noqa: E402
-from foldgpt.analysis import RedundancyStats, analyze, redundancy_stats  # noqa: E402
-from foldgpt.evaluation import PerplexityResult, perplexity  # noqa: E402
-from foldgpt.pruning import PruneResult, prune  # noqa: E402
-from foldgpt.removal import remove_blocks  # noqa: E402
-from foldgpt.folding import FoldResult, export_plain, fold_model  # noqa: E402
-from foldgpt.compress import compress  # noqa: E402
-from foldgpt.healing import HealConfig, HealResult, heal  # noqa: E402
-from foldgpt.lm_tasks import TaskResults, evaluate_tasks  # noqa: E402  (imports lm_eval only when called)
-from foldgpt.efficiency import EfficiencyReport, measure_efficiency  # noqa: E402
+from foldgpt.analysis import RedundancyStats, analyze, redundancy_stats
+from foldgpt.compress import compress
+from foldgpt.data import CalibrationConfig
+from foldgpt.efficiency import EfficiencyReport, measure_efficiency
+from foldgpt.errors import FoldGPTError
+from foldgpt.evaluation import PerplexityResult, perplexity
+from foldgpt.folding import FoldResult, export_plain, fold_model
+from foldgpt.healing import HealConfig, HealResult, heal
+from foldgpt.lm_tasks import TaskResults, evaluate_tasks
+from foldgpt.models.loading import LoadedModel, load_model
+from foldgpt.pruning import PruneResult, prune
+from foldgpt.removal import remove_blocks
 
 load = load_model
 """``foldgpt.load(DIR)``: any MODEL the CLI takes, including compact (folded or healed) folders."""

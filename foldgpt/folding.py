@@ -10,15 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from torch import nn
-
 from foldgpt import __version__
 from foldgpt.artifacts import atomic_output_dir, read_metadata, save_plain_model
 from foldgpt.errors import FoldGPTError
 from foldgpt.models import adapter_for
 from foldgpt.models.compact import WEIGHTS_FILE, save_compact
 from foldgpt.models.loading import LoadedModel
-from foldgpt.sublayers import refuse_removed_sublayers
 from foldgpt.sharing import (
     ParameterReport,
     choose_parents,
@@ -27,7 +24,9 @@ from foldgpt.sharing import (
     parameter_report,
     parse_groups,
     unshare,
+    validate_groups,
 )
+from foldgpt.sublayers import refuse_removed_sublayers
 
 
 @dataclass
@@ -117,8 +116,6 @@ def _groups(num_blocks: int, group_size: int | None, groups: str | list[list[int
         return contiguous_groups(num_blocks, group_size)
     if isinstance(groups, str):
         return parse_groups(groups, num_blocks)
-    from foldgpt.sharing import validate_groups
-
     assert groups is not None
     validate_groups(groups, num_blocks)
     return groups

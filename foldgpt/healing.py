@@ -30,12 +30,11 @@ same weights as an uninterrupted run. The teacher's outputs are computed on the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import signal
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -43,6 +42,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -257,7 +257,7 @@ def add_lora(model: PreTrainedModel, config: HealConfig) -> nn.Module:
     torch.manual_seed(config.seed)  # LoRA's A matrices are initialised at random
     lora = LoraConfig(
         r=config.lora_rank,
-        lora_alpha=config.lora_alpha,
+        lora_alpha=config.lora_alpha,  # type: ignore[arg-type]  # peft annotates int; it only scales by alpha / r
         lora_dropout=config.lora_dropout,
         target_modules=list(targets),
         fan_in_fan_out=isinstance(linear[targets[0]], Conv1D),  # GPT-2's Conv1D stores its weight transposed
@@ -322,7 +322,7 @@ def recording_tail(model: nn.Module, k: int) -> Iterator[dict[int, torch.Tensor]
     record: dict[int, torch.Tensor] = {}
 
     def hook_for(j: int):
-        def hook(module: nn.Module, args: tuple, output: object) -> None:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
             record[j] = output if isinstance(output, torch.Tensor) else output[0]
 
         return hook
@@ -338,7 +338,7 @@ def recording_tail(model: nn.Module, k: int) -> Iterator[dict[int, torch.Tensor]
 def _base_model(model: nn.Module) -> nn.Module:
     """The HF model inside a peft model, itself possibly inside a DDP / FSDP wrapper (``.module``)."""
     while isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
+        model = getattr(model, "module")  # noqa: B009 (torch types the attribute as Tensor | Module)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
@@ -440,7 +440,7 @@ def loss_terms(
 def weighted_loss(terms: dict[str, torch.Tensor], config: HealConfig) -> torch.Tensor:
     """``kl_weight * kl + tail_weight * tail + lm_weight * lm`` over the terms present."""
     weights = {"kl": config.kl_weight, "tail": config.tail_weight, "lm": config.lm_weight}
-    return sum(weights[name] * value for name, value in terms.items() if weights[name] > 0)
+    return sum((weights[name] * value for name, value in terms.items() if weights[name] > 0), torch.zeros(()))
 
 
 def check_finite(loss: torch.Tensor, terms: dict[str, torch.Tensor], step: int, steps: int) -> None:
@@ -605,6 +605,7 @@ def heal(
     evals: list[dict] = []
     start_step, seconds_before = 0, 0.0
     if resume:
+        assert checkpoint_dir is not None  # heal() refuses --resume without a checkpoint folder
         state = load_checkpoint(checkpoint_dir, identity)
         start_step, history, evals, seconds_before = _restore(state, params, optimizer, rank)
         if is_main:

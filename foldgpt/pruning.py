@@ -12,15 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from foldgpt import __version__
-from foldgpt.errors import FoldGPTError
 from foldgpt.artifacts import atomic_output_dir, read_metadata, save_plain_model
-from foldgpt.data import CalibrationConfig, load_windows
-from foldgpt.importance import METHODS, Selection, select_blocks
-from foldgpt.importance.base import select_blocks_with
-from foldgpt.importance.gates import GRANULARITIES, GateConfig, select_by_gates_with, select_sublayers_by_gates_with
-from foldgpt.plotting import plot_gate_history, plot_sublayer_gate_history
-from foldgpt.models import adapter_for
-from foldgpt.models.loading import LoadedModel
 from foldgpt.budget import (
     RemovalTarget,
     blocks_to_remove,
@@ -29,6 +21,14 @@ from foldgpt.budget import (
     model_flops_per_token,
     sublayer_budget,
 )
+from foldgpt.data import CalibrationConfig, load_windows
+from foldgpt.errors import FoldGPTError
+from foldgpt.importance import METHODS, Selection, select_blocks
+from foldgpt.importance.base import select_blocks_with
+from foldgpt.importance.gates import GRANULARITIES, GateConfig, select_by_gates_with, select_sublayers_by_gates_with
+from foldgpt.models import adapter_for
+from foldgpt.models.loading import LoadedModel
+from foldgpt.plotting import plot_gate_history, plot_sublayer_gate_history
 from foldgpt.removal import count_parameters, remove_blocks
 from foldgpt.sublayers import (
     BRANCHES,

@@ -128,10 +128,10 @@ def write_report(sources: list[str | Path], out: str | Path, overwrite: bool = T
 
 def plot_perplexity_against_parameters(rows: list[ModelRow], path: Path) -> None:
     """One marker per model and evaluation set: perplexity (log scale) against unique parameters."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415  (plotting is optional work; keep import time low)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in dict.fromkeys(n for row in rows for n in row.perplexity):

@@ -11,10 +11,10 @@ from foldgpt.cli import METHOD_NAMES
 from foldgpt.errors import FoldGPTError
 from foldgpt.importance import METHODS
 from foldgpt.importance.gates import (
-    next_lambda,
     GateConfig,
     block_flops_weights,
     gated,
+    next_lambda,
     polarization_regularizer,
     select_by_gates,
     select_by_gates_with,

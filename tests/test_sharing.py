@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from tiny import DEPTH, FAMILIES, random_ids, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from foldgpt.cli import main
@@ -16,6 +15,7 @@ from foldgpt.models.loading import LoadedModel
 from foldgpt.pruning import prune
 from foldgpt.removal import remove_blocks
 from foldgpt.sharing import choose_parents, contiguous_groups, parse_groups
+from tiny import DEPTH, FAMILIES, random_ids, tiny_model, tiny_tokenizer
 
 
 def loaded_tiny(family: str = "llama", seed: int = 0) -> LoadedModel:

@@ -24,7 +24,7 @@ def select_by_sleb(model: PreTrainedModel, windows: torch.Tensor, n_remove: int,
         for _ in range(n_remove):
             scores: dict[int, float] = {}
             for candidate in (i for i in range(num_blocks) if i not in removed):
-                with blocks_removed_temporarily(model, removed + [candidate]):
+                with blocks_removed_temporarily(model, [*removed, candidate]):
                     scores[candidate] = windows_perplexity(model, windows, progress=False)
                 progress.update(1)
             best = min(scores, key=scores.__getitem__)

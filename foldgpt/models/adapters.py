@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
 from foldgpt.errors import FoldGPTError

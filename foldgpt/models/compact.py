@@ -109,7 +109,7 @@ def attach_adapter(model: PreTrainedModel, folder: Path) -> torch.nn.Module:
     adapter = Path(folder) / ADAPTER_DIR
     if not (adapter / "adapter_config.json").is_file():
         return model
-    from peft import PeftModel
+    from peft import PeftModel  # noqa: PLC0415  (peft is only needed for healed folders)
 
     try:
         return PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
