@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from foldgpt.blockwise import peak_rss_bytes
 from foldgpt.errors import FoldGPTError
 
 
@@ -100,16 +101,6 @@ def _cpu_peak_reset() -> bool:
         return False
 
 
-def _cpu_peak_bytes() -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 @torch.no_grad()
 def _prefill(model: torch.nn.Module, ids: torch.Tensor, device: torch.device) -> float:
     _synchronize(device)
@@ -175,7 +166,7 @@ def measure_efficiency(
     _prefill(model, ids[:, : min(16, prefill_tokens)], device)  # warm-up
     prefill_times = [_prefill(model, ids, device) for _ in range(repeats)]
     decode_runs = [_decode(model, ids, decode_tokens, device) for _ in range(repeats)]
-    peak = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else _cpu_peak_bytes()
+    peak = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else (peak_rss_bytes() or None)
 
     prefill_latency = statistics.median(prefill_times)
     decode_total = statistics.median(sum(run) for run in decode_runs)

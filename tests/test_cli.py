@@ -7,7 +7,8 @@ import sys
 import pytest
 from transformers import AutoModelForCausalLM, BloomConfig, BloomForCausalLM
 
-from foldgpt.cli import build_parser, main
+from cli_helpers import assert_one_line_error, run_cli
+from foldgpt.cli import build_parser
 from tiny import DEPTH, save_tiny
 
 
@@ -21,21 +22,6 @@ def text_file(tmp_path):
     path = tmp_path / "calib.txt"
     path.write_text("The quick brown fox jumps over the lazy dog. " * 60)
     return path
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(code, err, *phrases):
-    assert code == 2
-    lines = [line for line in err.strip().splitlines() if line.startswith("foldgpt:")]
-    assert len(lines) == 1 and lines[0].startswith("foldgpt: error: "), err
-    assert "Traceback" not in err
-    for phrase in phrases:
-        assert phrase in lines[0]
 
 
 def test_prune_writes_a_vanilla_folder_with_metadata(capsys, tiny_folder, text_file, tmp_path):

@@ -11,8 +11,8 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import foldgpt
+from cli_helpers import run_cli
 from foldgpt import healing
-from foldgpt.cli import main
 from foldgpt.errors import FoldGPTError
 from foldgpt.healing import HealConfig, WindowSchedule, heal, learning_rate, norm_parameters, save_healed, tail_loss
 from foldgpt.models import adapter_for
@@ -243,12 +243,6 @@ def test_config_rejects_bad_values():
     with pytest.raises(FoldGPTError, match="schedule"):
         HealConfig(schedule="step")
     assert HealConfig(tokens=1000, seqlen=256, micro_batch=2).total_steps == 2
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_cli_heal_writes_a_compact_folder(capsys, tmp_path, text_file):

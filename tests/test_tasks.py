@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import foldgpt
-from foldgpt.cli import main
+from cli_helpers import assert_one_line_error, run_cli
 from foldgpt.data import data_dir
 from foldgpt.lm_tasks import SHIPPED_TASKS, arc_record, task_dir
 from tiny import save_tiny
@@ -24,21 +24,6 @@ def tiny_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory):
     return task_dir(data_dir=DATA)
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(code, err, *phrases):
-    assert code == 2
-    lines = [line for line in err.strip().splitlines() if line.startswith("foldgpt:")]
-    assert len(lines) == 1 and lines[0].startswith("foldgpt: error: "), err
-    assert "Traceback" not in err
-    for phrase in phrases:
-        assert phrase in lines[0], lines[0]
 
 
 @needs_data
