@@ -1,4 +1,4 @@
-"""Block-by-block ("sequential") execution for the calibration-only stages: analysis, bi, angular and perplexity.
+"""Block-by-block ("sequential") execution for the calibration-only stages: analysis, bi, angular, SLEB and perplexity.
 
 The model is built on the meta device; only the tensors outside the decoder blocks (embedding, final norm, head)
 are read from the safetensors files up front. Every calibration window is embedded once, then the blocks run one at
@@ -12,6 +12,9 @@ with its blocks replaced by stand-ins (:class:`_Stage`) that record each block's
 sliding-window one for Gemma/Qwen2 sliding layers --, rotary position embeddings, position ids ...) and stop before
 the final norm. Perplexity runs the forward once more per window with stand-ins that return the last block's stored
 output, so the final norm, head and any logit soft-capping are the model's own.
+
+SLEB (:func:`blockwise_sleb`) reads every block once per greedy step, not once per candidate: it carries one
+hidden-state stream per candidate removal through a single sweep (see :func:`_sleb_step`).
 
 Tensors are read with plain positioned reads (no memory mapping), so neither the weight files nor the offloaded
 hidden states count towards the process's resident memory or address space.
@@ -29,6 +32,7 @@ import time
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +44,14 @@ from foldgpt.analysis import RedundancyStats, _hidden_of
 from foldgpt.errors import FoldGPTError
 from foldgpt.models import adapter_for
 
+if TYPE_CHECKING:
+    from foldgpt.importance.base import Selection
+
 OFFLOAD_MODES = ("none", "blocks")
 """``--offload`` choices: ``none`` loads the whole model; ``blocks`` runs the calibration-only stages block by block."""
+
+BLOCKWISE_METHODS = ("bi", "angular", "sleb")
+"""The ``--method`` choices ``prune --offload blocks`` runs block by block; the others need the whole model."""
 
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
@@ -366,7 +376,7 @@ class BlockwiseModel:
     def sweep(self, windows: torch.Tensor, batch_size: int, visit, offload_dir: Path | None = None, desc: str = "blocks") -> HiddenStates:
         """Run every window through every block, block by block; ``visit(index, batch_number, rows, x, y)`` sees each
         block's input and output per batch. Returns the last block's outputs."""
-        batches = [windows[start : start + batch_size] for start in range(0, len(windows), batch_size)]
+        batches = _batches(windows, batch_size)
         states = HiddenStates(offload_dir)
         for batch in batches:
             states.append(self.embed(batch))
@@ -470,17 +480,95 @@ def blockwise_windows_perplexity(
     with ExitStack() as stack:
         folder = _scratch(stack, offload_dir) if offload_dir is not None else None
         states = runner.sweep(windows, batch_size, lambda *_: None, folder, desc="ppl (blocks)")
-        total_nll, total_tokens = 0.0, 0
-        for number, start in enumerate(range(0, len(windows), batch_size)):
-            batch = windows[start : start + batch_size]
-            logits = runner.logits(batch, states[number])[:, :-1].float()
-            targets = batch[:, 1:].to(logits.device)
-            total_nll += F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum").item()
-            total_tokens += targets.numel()
+        return _perplexity_from_states(runner, _batches(windows, batch_size), states)
+
+
+def _batches(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    return [windows[start : start + batch_size] for start in range(0, len(windows), batch_size)]
+
+
+@torch.no_grad()
+def _perplexity_from_states(runner: BlockwiseModel, batches: Sequence[torch.Tensor], states: HiddenStates) -> float:
+    """exp(mean NLL) over ``batches`` given their last block's outputs ``states`` (one entry per batch): the head runs
+    here, once per batch, so that the blocks' sweep never needs it."""
+    total_nll, total_tokens = 0.0, 0
+    for number, batch in enumerate(batches):
+        logits = runner.logits(batch, states[number])[:, :-1].float()
+        targets = batch[:, 1:].to(logits.device)
+        total_nll += F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum").item()
+        total_tokens += targets.numel()
     mean_nll = total_nll / total_tokens
     if not math.isfinite(mean_nll):
         raise FoldGPTError("perplexity is not finite: the model produced NaN or inf logits; check the model's weights and dtype")
     return math.exp(mean_nll)
+
+
+# SLEB ------------------------------------------------------------------------------------------------------------
+
+
+def _new_stream(folder: Path | None, name: str) -> HiddenStates:
+    """An empty hidden-state stream: in memory, or in a file of its own under ``folder`` (a :class:`HiddenStates` keeps
+    one file per folder, so each stream gets a sub-folder ``name``)."""
+    if folder is None:
+        return HiddenStates()
+    (folder / name).mkdir()
+    return HiddenStates(folder / name)
+
+
+@torch.no_grad()
+def _sleb_step(runner: BlockwiseModel, batches: Sequence[torch.Tensor], removed: Sequence[int], folder: Path | None,
+               desc: str) -> dict[int, float]:
+    """The calibration perplexity of the model without ``removed`` plus each remaining block ``c``, from one sweep.
+
+    Running each candidate model in turn would read every block's weights once per candidate; instead one sweep over
+    the kept blocks carries a *base* stream (the model without ``removed``) and one stream per candidate ``c``. The
+    stream of ``c`` is born at block ``c`` as a copy of the base stream's input to ``c`` (so ``c`` is skipped), and
+    from then on every loaded block runs on the base stream and on every live candidate stream. Each block is read
+    once per step, and about half the block calls of the per-candidate passes are made (a candidate's stream shares
+    the base stream's work up to its own block). Returns ``{c: perplexity}`` in ascending ``c``, the order in which
+    :func:`foldgpt.importance.sleb.select_by_sleb` scores them (so ties break the same way).
+    """
+    kept = sorted(set(range(runner.num_blocks)) - set(removed))
+    base = _new_stream(folder, "base")
+    for batch in batches:
+        base.append(runner.embed(batch))
+    candidates: dict[int, HiddenStates] = {}
+    for index in tqdm(kept, desc=desc, leave=False):
+        runner.load_block(index)
+        born = _new_stream(folder, f"without_{index}")
+        for number, batch in enumerate(batches):
+            x = base[number]
+            for stream in candidates.values():
+                stream[number] = runner.run_block(index, stream[number], batch.shape)
+            born.append(x)
+            if index != kept[-1]:  # the base model's own output is never scored
+                base[number] = runner.run_block(index, x, batch.shape)
+        candidates[index] = born
+        runner.free_block(index)
+    return {candidate: _perplexity_from_states(runner, batches, stream) for candidate, stream in candidates.items()}
+
+
+def blockwise_sleb(runner: BlockwiseModel, windows: torch.Tensor, n_remove: int, batch_size: int = 1,
+                   offload_dir: str | Path | None = None) -> Selection:
+    """:func:`foldgpt.importance.sleb.select_by_sleb`, block by block: the same greedy search and ``details``, one sweep
+    over the blocks per removed block (:func:`_sleb_step`).
+
+    The candidate streams take up to (remaining blocks + 1) times the calibration set's hidden states; with
+    ``offload_dir`` they are files there (removed after each step) instead of CPU memory.
+    """
+    from foldgpt.importance.base import Selection  # noqa: PLC0415
+
+    batches = _batches(windows, batch_size)
+    removed: list[int] = []
+    steps = []
+    for step in range(n_remove):
+        with ExitStack() as stack:
+            folder = _scratch(stack, offload_dir) if offload_dir is not None else None
+            scores = _sleb_step(runner, batches, removed, folder, desc=f"sleb step {step + 1}/{n_remove} (blocks)")
+        best = min(scores, key=scores.__getitem__)
+        removed.append(best)
+        steps.append({"removed": best, "calibration_perplexity": scores[best]})
+    return Selection(method="sleb", removed=sorted(removed), details={"order": removed, "steps": steps})
 
 
 def blockwise_perplexity(runner: BlockwiseModel, dataset: str = "wikitext2", seqlen: int = 2048, max_tokens: int | None = None,
@@ -496,18 +584,25 @@ def blockwise_perplexity(runner: BlockwiseModel, dataset: str = "wikitext2", seq
                             seconds=time.perf_counter() - start)
 
 
+def _unsupported_method(method: str) -> FoldGPTError:
+    *first, last = BLOCKWISE_METHODS
+    return FoldGPTError(f"--offload blocks supports --method {', '.join(first)} and {last}; '{method}' needs the whole model")
+
+
 def blockwise_selection(method: str, runner: BlockwiseModel, windows: torch.Tensor, n_remove: int,
-                        offload_dir: str | Path | None = None):
-    """The ``bi`` or ``angular`` selection, from block-by-block statistics."""
+                        offload_dir: str | Path | None = None) -> Selection:
+    """The ``bi`` or ``angular`` selection from block-by-block statistics, or the block-by-block SLEB search."""
     from foldgpt.importance.angular import selection_from_stats as angular_selection  # noqa: PLC0415
     from foldgpt.importance.bi import selection_from_stats as bi_selection  # noqa: PLC0415
 
-    choices = {"bi": bi_selection, "angular": angular_selection}
-    if method not in choices:
-        raise FoldGPTError(f"--offload blocks supports the methods {', '.join(choices)}; '{method}' needs the whole model")
+    if method not in BLOCKWISE_METHODS:
+        raise _unsupported_method(method)
     start = time.perf_counter()
-    stats = blockwise_redundancy_stats(runner, windows, offload_dir=offload_dir, similarity=False)
-    selection = choices[method](stats, n_remove)
+    if method == "sleb":
+        selection = blockwise_sleb(runner, windows, n_remove, offload_dir=offload_dir)
+    else:
+        stats = blockwise_redundancy_stats(runner, windows, offload_dir=offload_dir, similarity=False)
+        selection = {"bi": bi_selection, "angular": angular_selection}[method](stats, n_remove)
     selection.seconds = time.perf_counter() - start
     return selection
 
@@ -539,8 +634,8 @@ def prune_blockwise(spec: str, method: str = "bi", remove: int | None = None, re
                     out: str | Path | None = None, overwrite: bool = False, target_params: float | None = None,
                     target_flops: float | None = None, dtype: str = "float32", device: str = "cpu",
                     offload_dir: str | Path | None = None) -> dict:
-    """:func:`foldgpt.pruning.prune` for ``bi`` / ``angular``, never holding more than one block: the statistics block by
-    block, then the kept tensors copied file to file (renumbered) into the output folder. Returns the metadata
+    """:func:`foldgpt.pruning.prune` for ``bi`` / ``angular`` / ``sleb``, never holding more than one block: the selection
+    block by block, then the kept tensors copied file to file (renumbered) into the output folder. Returns the metadata
     written to ``foldgpt.json``."""
     from foldgpt import __version__  # noqa: PLC0415
     from foldgpt.artifacts import atomic_output_dir  # noqa: PLC0415
@@ -549,8 +644,8 @@ def prune_blockwise(spec: str, method: str = "bi", remove: int | None = None, re
     from foldgpt.pruning import _in_original_numbering  # noqa: PLC0415
     from foldgpt.removal import count_parameters, remove_blocks  # noqa: PLC0415
 
-    if method not in ("bi", "angular"):
-        raise FoldGPTError(f"--offload blocks supports --method bi and angular; '{method}' needs the whole model")
+    if method not in BLOCKWISE_METHODS:
+        raise _unsupported_method(method)
     calibration = calibration or CalibrationConfig()
     runner = BlockwiseModel(spec, dtype=dtype, device=device)
     skeleton = runner.skeleton()
@@ -683,6 +778,7 @@ def peak_rss_bytes() -> int:
 
 
 __all__ = [
+    "BLOCKWISE_METHODS",
     "OFFLOAD_MODES",
     "BlockwiseModel",
     "HiddenStates",
@@ -691,6 +787,7 @@ __all__ = [
     "blockwise_perplexity",
     "blockwise_redundancy_stats",
     "blockwise_selection",
+    "blockwise_sleb",
     "blockwise_windows_perplexity",
     "peak_rss_bytes",
     "prune_blockwise",

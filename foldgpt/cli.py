@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "and one on the MLP of each block, so an attention or an MLP can go alone (a block whose two both "
                        "go is removed); --remove N then counts sub-layers, --target-params/--target-flops remove the "
                        "fewest sub-layers by ascending gate that meet the budget")
-    _add_offload(prune, "score blocks (--method bi or angular) and copy the kept tensors file to file")
+    _add_offload(prune, "score blocks (--method bi, angular or sleb) and copy the kept tensors file to file")
     _add_output(prune, "the pruned model")
     prune.set_defaults(handler=run_prune)
 
@@ -339,10 +339,10 @@ def run_prune(args: argparse.Namespace) -> None:
 
 
 def _run_prune_blockwise(args: argparse.Namespace) -> None:
-    from foldgpt.blockwise import prune_blockwise  # noqa: PLC0415
+    from foldgpt.blockwise import BLOCKWISE_METHODS, prune_blockwise  # noqa: PLC0415
 
-    if args.method not in ("bi", "angular"):
-        raise FoldGPTError(f"--offload blocks supports --method bi and angular; '{args.method}' needs the whole model")
+    if args.method not in BLOCKWISE_METHODS:
+        raise FoldGPTError(f"--offload blocks supports --method bi, angular and sleb; '{args.method}' needs the whole model")
     if getattr(args, "granularity", "block") != "block":
         raise FoldGPTError("--offload blocks removes whole blocks; drop --granularity")
     meta = prune_blockwise(args.model, args.method, calibration=_calibration(args), out=args.out, overwrite=args.overwrite,

@@ -175,8 +175,8 @@ def test_cli_refuses_what_block_by_block_cannot_do(folders, tmp_path, capsys):
     from foldgpt.cli import main  # noqa: PLC0415
 
     folder = str(folders["llama"])
-    assert main(["prune", folder, "--method", "sleb", "--remove", "1", "--offload", "blocks", "--out", str(tmp_path / "p")]) == 2
-    assert "bi and angular" in capsys.readouterr().err
+    assert main(["prune", folder, "--method", "gates", "--remove", "1", "--offload", "blocks", "--out", str(tmp_path / "p")]) == 2
+    assert "bi, angular and sleb" in capsys.readouterr().err
     assert main(["eval", folder, "--tasks", "piqa", "--offload", "blocks"]) == 2
     assert "perplexity only" in capsys.readouterr().err
     assert main(["analyze", folder, "--offload-dir", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
