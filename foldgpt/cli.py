@@ -151,6 +151,35 @@ def _gate_config(args: argparse.Namespace):
                       gradient_checkpointing=args.gradient_checkpointing)
 
 
+def _add_sharing_options(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    """``--group-size``, ``--groups`` and ``--parent``, for ``fold`` (``required=True``) and ``compress``.
+
+    ``fold``: exactly one of ``--group-size`` / ``--groups`` must be given; G is range-checked by the folding itself (a
+    one-line error from ``main``, after the model is loaded). ``compress``: the options form the "grouped sharing" group,
+    ``--group-size`` defaults to 1 and is checked as a positive integer by the parser (which is also the ``--config``
+    YAML schema, see ``foldgpt.config``), and ``--groups``, when given, wins over it.
+    """
+    parents = ("first", "middle", "largest-gate")
+    if required:
+        grouping = parser.add_mutually_exclusive_group(required=True)
+        grouping.add_argument("--group-size", type=int, metavar="G",
+                              help="G consecutive blocks per group (the last may be shorter); 1 = no sharing")
+        grouping.add_argument("--groups", metavar="SPEC", help="explicit contiguous groups over the blocks, e.g. "
+                              "'0-3,4-5,6-11,...', covering every block once")
+        parser.add_argument("--parent", default="first", choices=parents,
+                            help="which block of a group lends its weights: first (default), middle, or largest-gate (the "
+                            "block whose learned gate stayed most open; MODEL must come from 'foldgpt prune --method gates')")
+        return
+    sharing = parser.add_argument_group("grouped sharing")
+    sharing.add_argument("--group-size", type=positive_int, default=1, metavar="G",
+                         help="consecutive retained blocks per group sharing one parent's weights; 1 = no sharing (default: 1, "
+                         "chosen by measurement: on SmolLM2-135M a shared model stays unusable after a CPU-sized healing "
+                         "budget, see README; use 2 with a GPU-sized budget, as the FoldGPT paper does)")
+    sharing.add_argument("--groups", metavar="SPEC", help="explicit contiguous groups instead, e.g. '0-3,4-5,...'")
+    sharing.add_argument("--parent", default="first", choices=parents,
+                         help="which block of each group lends its weights (default: first)")
+
+
 def _add_ppl(parser: argparse.ArgumentParser, seqlen: int, max_tokens: int | None, seqlen_flag: str = "--seqlen") -> None:
     group = parser.add_argument_group("perplexity")
     group.add_argument("--ppl", type=dataset_list, default=["wikitext2", "ptb"], metavar="SETS",
@@ -224,13 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "folder (each shared tensor stored once, group map in config.json) that every foldgpt command "
                                "loads as MODEL; 'foldgpt export --plain' turns it into a vanilla Hugging Face folder.")
     _add_model(fold)
-    grouping = fold.add_mutually_exclusive_group(required=True)
-    grouping.add_argument("--group-size", type=int, metavar="G", help="G consecutive blocks per group (the last may be shorter); 1 = no sharing")
-    grouping.add_argument("--groups", metavar="SPEC", help="explicit contiguous groups over the blocks, e.g. '0-3,4-5,6-11,...', "
-                          "covering every block once")
-    fold.add_argument("--parent", default="first", choices=("first", "middle", "largest-gate"),
-                      help="which block of a group lends its weights: first (default), middle, or largest-gate (the block "
-                      "whose learned gate stayed most open; MODEL must come from 'foldgpt prune --method gates')")
+    _add_sharing_options(fold, required=True)
     _add_output(fold, "the compact model")
     fold.set_defaults(handler=run_fold)
 
@@ -316,6 +339,7 @@ def run_analyze(args: argparse.Namespace) -> None:
 
 def run_prune(args: argparse.Namespace) -> None:
     from foldgpt.artifacts import check_output_free  # noqa: PLC0415
+    from foldgpt.distributed import is_main_process  # noqa: PLC0415
     from foldgpt.pruning import prune  # noqa: PLC0415
 
     check_output_free(Path(args.out), args.overwrite)
@@ -326,8 +350,11 @@ def run_prune(args: argparse.Namespace) -> None:
     gate_config = _gate_config(args)
     if args.granularity == "sublayer" and args.method != "gates":
         raise FoldGPTError(f"--granularity sublayer needs --method gates (method '{args.method}' scores whole blocks)")
-    result = prune(_load(args), args.method, calibration=_calibration(args), out=args.out, overwrite=args.overwrite,
-                   gate_config=gate_config, granularity=args.granularity, **_targets(args))
+    main_process = is_main_process()  # torchrun / accelerate launch (--method gates): rank 0 writes
+    result = prune(_load(args), args.method, calibration=_calibration(args), out=args.out,
+                   overwrite=args.overwrite, gate_config=gate_config, granularity=args.granularity, **_targets(args))
+    if not main_process:
+        return
     meta = result.metadata
     print(f"{args.method}: removed blocks {meta['removed']} of {meta['num_blocks_before']} in {meta['selection_seconds']:.1f}s")
     if args.granularity == "sublayer":
@@ -492,14 +519,7 @@ def add_compress_options(parser: argparse.ArgumentParser) -> None:
     _add_targets(parser, default_remove=6)
     _add_calibration(parser, nsamples=8)  # the calibration the gate defaults were tuned and benchmarked with
     _add_gate_options(parser)
-    sharing = parser.add_argument_group("grouped sharing")
-    sharing.add_argument("--group-size", type=positive_int, default=1, metavar="G",
-                         help="consecutive retained blocks per group sharing one parent's weights; 1 = no sharing (default: 1, "
-                         "chosen by measurement: on SmolLM2-135M a shared model stays unusable after a CPU-sized healing "
-                         "budget, see README; use 2 with a GPU-sized budget, as the FoldGPT paper does)")
-    sharing.add_argument("--groups", metavar="SPEC", help="explicit contiguous groups instead, e.g. '0-3,4-5,...'")
-    sharing.add_argument("--parent", default="first", choices=("first", "middle", "largest-gate"),
-                         help="which block of each group lends its weights (default: first)")
+    _add_sharing_options(parser, required=False)
     _add_heal_pipeline_options(parser)
     _add_ppl(parser, seqlen=1024, max_tokens=16384, seqlen_flag="--eval-seqlen")  # --seqlen is the calibration's
     _add_task_options(parser)
@@ -591,7 +611,8 @@ def _add_heal_options(parser: argparse.ArgumentParser) -> None:
     lora = parser.add_argument_group("LoRA (one adapter per block position; base weights frozen, per-block norms trained)")
     lora.add_argument("--lora-rank", type=positive_int, default=d.lora_rank, help=f"LoRA rank r (default: {d.lora_rank})")
     lora.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help=f"LoRA alpha; the delta is scaled by alpha/r (default: {d.lora_alpha:g})")
-    lora.add_argument("--lora-dropout", type=float, default=d.lora_dropout, help=f"dropout on the LoRA input (default: {d.lora_dropout})")
+    lora.add_argument("--lora-dropout", type=float, default=d.lora_dropout,
+                      help=f"dropout on the LoRA input; the model's own dropout stays off while healing (default: {d.lora_dropout})")
     lora.add_argument("--lora-targets", metavar="NAMES",
                       help="comma-separated linear layers of each block to adapt (default: every projection of the "
                       "family's blocks, e.g. q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj for Llama)")
@@ -609,7 +630,7 @@ def _add_heal_options(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--eval-windows", type=int, default=d.eval_windows, help=f"held-out windows, never trained on (default: {d.eval_windows})")
     run.add_argument("--seed", type=int, default=d.seed, help=f"seed for the window order and LoRA initialisation (default: {d.seed})")
     run.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="N",
-                     help=f"write a checkpoint every N steps, 0 = only on Ctrl-C (default: {d.checkpoint_every})")
+                     help=f"write a checkpoint every N steps, 0 = only on Ctrl-C / SIGTERM (default: {d.checkpoint_every})")
     run.add_argument("--checkpoint-dir", metavar="DIR", help="checkpoint folder (default: <out>.checkpoint; removed after success)")
     run.add_argument("--resume", action="store_true", help="continue from the checkpoint (same settings; same result as an uninterrupted run)")
     run.add_argument("--teacher-cache", metavar="DIR",
@@ -669,15 +690,15 @@ def run_heal(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}" + (f" and {args.out}/plain" if args.plain else ""))
 
 
-def _refuse_launcher_unless_heal(command: str) -> None:
+def _refuse_launcher_unless_heal(command: str, method: str | None = None) -> None:
     """Under accelerate launch / torchrun every process would run the command and write the same output: only ``heal``
-    knows how to split the work (see docs/distributed.md)."""
+    and ``prune --method gates`` know how to split the work (see docs/distributed.md)."""
     from foldgpt.distributed import launched_world_size  # noqa: PLC0415
 
-    if command != "heal" and launched_world_size() > 1:
+    if command != "heal" and (command, method) != ("prune", "gates") and launched_world_size() > 1:
         raise FoldGPTError(
-            f"'foldgpt {command}' runs in one process; only 'foldgpt heal' trains data-parallel under accelerate launch / "
-            "torchrun (for big models: --device-map auto in one process)"
+            f"'foldgpt {command}' runs in one process; only 'foldgpt heal' and 'foldgpt prune --method gates' train "
+            "data-parallel under accelerate launch / torchrun (for big models: --device-map auto in one process)"
         )
 
 
@@ -697,7 +718,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _interrupt_on_sigterm()
     handler: Callable[[argparse.Namespace], None] = args.handler
     try:
-        _refuse_launcher_unless_heal(args.command)
+        _refuse_launcher_unless_heal(args.command, getattr(args, "method", None))
         if getattr(args, "config", None):
             from foldgpt.config import apply_yaml_config  # noqa: PLC0415
 

@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from foldgpt.analysis import analyze, write_analysis
-from foldgpt.artifacts import METADATA_FILE, atomic_output_dir, save_plain_model, write_json_atomic
+from foldgpt.artifacts import METADATA_FILE, atomic_output_dir, write_json_atomic
 from foldgpt.errors import FoldGPTError
 from foldgpt.models import load_model
 from foldgpt.models.compact import save_compact
@@ -182,7 +182,6 @@ def _analyze_into(folder: Path, loaded: LoadedModel, settings: dict[str, Any]) -
 
 
 def _prune_into(folder: Path, settings: dict[str, Any]) -> dict:
-    from foldgpt.plotting import plot_gate_history  # noqa: PLC0415
     from foldgpt.pruning import prune  # noqa: PLC0415
 
     loaded = load_model(settings["model"], dtype=settings["dtype"], device=settings["device"])
@@ -192,11 +191,10 @@ def _prune_into(folder: Path, settings: dict[str, Any]) -> dict:
         from foldgpt.budget import blocks_to_remove_with_sharing  # noqa: PLC0415
 
         targets = {"remove": blocks_to_remove_with_sharing(loaded.model, targets["target_params"], settings["group_size"])}
-    result = prune(loaded, settings["method"], calibration=_calibration(settings), gate_config=_gate_config(settings), **targets)
-    with atomic_output_dir(folder, overwrite=True) as tmp:
-        save_plain_model(loaded.model, loaded.tokenizer, tmp, result.metadata)
-        if "gate_history" in result.selection.details:
-            plot_gate_history(result.selection.details["gate_history"], tmp / "gates.png", title="gate values during training")
+    # prune writes the folder (atomically, manifest included) as 'foldgpt prune' does: the model it returns may no longer
+    # be savable as the plain folder (removed sub-layers become weightless ZeroBranch-es after saving)
+    result = prune(loaded, settings["method"], calibration=_calibration(settings), gate_config=_gate_config(settings),
+                   out=folder, overwrite=True, **targets)
     return {"removed": result.metadata["removed"]}
 
 

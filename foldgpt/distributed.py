@@ -10,6 +10,10 @@ Global batch: a step sees ``micro_batch * grad_accum * W`` windows; rank ``r`` t
 then gives the gradient of one process with ``grad_accum * W`` micro-batches, so ``W`` processes and one process with
 the same global batch train to the same weights, up to the order of float additions (the all-reduce sums in another
 order than local accumulation): equal to about 1e-6 relative in float32, not bitwise.
+
+Gate training (``foldgpt.importance.gates.train_gates``) splits its steps the same way but wraps nothing: the model's
+weights are frozen and the only trainable tensor is the gates, whose gradient is averaged with one all-reduce per
+step (``DataParallel.mean_``).
 """
 
 from __future__ import annotations
@@ -30,6 +34,11 @@ def launched_world_size() -> int:
         return max(1, int(os.environ.get("WORLD_SIZE", "1")))
     except ValueError:
         return 1
+
+
+def is_main_process() -> bool:
+    """True unless a launcher started this process with a rank other than 0 (only rank 0 writes outputs)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 class DataParallel:
@@ -93,6 +102,12 @@ class DataParallel:
         tensor = torch.tensor([values[name] for name in names], dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(tensor)
         return {name: value / self.world for name, value in zip(names, tensor.tolist())}
+
+    def mean_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` averaged over the ranks, in place (one all-reduce; every rank ends with the same values): the
+        gradient of a small Parameter trained outside DDP, such as the gates of ``train_gates``."""
+        torch.distributed.all_reduce(tensor)
+        return tensor.div_(self.world)
 
     def any(self, flag: bool) -> bool:
         """True on every rank when it is true on one (a Ctrl-C seen by one process stops them all at the same step)."""

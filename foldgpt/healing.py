@@ -11,7 +11,9 @@ become trainable. Every base weight stays frozen, so shared tensors stay shared 
 
 where ``s_j`` / ``t_j`` are the outputs of the student's / teacher's ``j``-th last block (before the final norm); the
 squared error is divided by the teacher's mean square so its scale does not depend on the model's hidden-state size
-(it is a relative MSE: 0 when the tails agree, 1 when the student outputs zeros).
+(it is a relative MSE: 0 when the tails agree, 1 when the student outputs zeros). The student trains with its base
+model in eval mode, like the teacher (the config's dropout off); only LoRA's own ``lora_dropout`` is active
+(``healing_mode``).
 
 Training data: the text (Alpaca records rendered with ``foldgpt.data.ALPACA_TEMPLATE`` and joined by a blank line, or
 any plain text) is tokenised as one stream and cut into non-overlapping windows of ``seqlen`` tokens, which are
@@ -23,8 +25,8 @@ global batch is ``micro_batch * grad_accum * W`` windows, split over the ranks, 
 ``grad_accum * W``, up to float rounding. Only rank 0 writes checkpoints and outputs.
 
 Long runs: a checkpoint (trainable tensors, optimiser state, RNG state, history) is written atomically every
-``checkpoint_every`` steps and on Ctrl-C (after the step in progress finishes); ``resume=True`` continues from it to the
-same weights as an uninterrupted run. The teacher's outputs are computed on the fly, or cached on disk once
+``checkpoint_every`` steps and on Ctrl-C or SIGTERM (after the step in progress finishes); ``resume=True`` continues
+from it to the same weights as an uninterrupted run. The teacher's outputs are computed on the fly, or cached on disk once
 (``teacher_cache``) and reused by later runs on the same data (e.g. healing several students).
 """
 
@@ -273,6 +275,42 @@ def add_lora(model: PreTrainedModel, config: HealConfig) -> nn.Module:
     return peft_model
 
 
+@contextmanager
+def healing_mode(model: nn.Module) -> Iterator[None]:
+    """The mode healing trains in: the base model in eval mode (its dropout off), LoRA's own dropout on.
+
+    The base weights are frozen and the student is fitted to the teacher, which runs in eval mode: the dropout of
+    configs that have one (GPT-2's ``resid_pdrop`` / ``embd_pdrop`` / ``attn_pdrop``, OPT's ``dropout`` /
+    ``attention_dropout``, ...) would only add noise to that comparison, as in gate training's ``eval_mode``.
+    ``HealConfig.lora_dropout`` is a separate, intended regulariser of the adapters' inputs: peft implements it as
+    ``nn.Dropout`` modules in each LoRA layer's ``lora_dropout`` ModuleDict (``nn.Identity`` when it is 0), which
+    ``model.eval()`` switches off too, so exactly those modules are put back in train mode. Every module's previous
+    mode is restored on exit. Enter it before ``activation_checkpointing``, which sets the decoder layers' own
+    ``training`` flag (what Hugging Face checks before checkpointing a layer).
+    """
+    modes = module_modes(model)
+    model.eval()
+    for module in model.modules():
+        dropout = getattr(module, "lora_dropout", None)
+        if isinstance(dropout, nn.ModuleDict):
+            dropout.train()
+    try:
+        yield
+    finally:
+        restore_modes(modes)
+
+
+def module_modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """Every module of ``model`` with its ``training`` flag, for ``restore_modes``."""
+    return [(module, module.training) for module in model.modules()]
+
+
+def restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
+    """Set each module's own ``training`` flag back (not ``.train()``, which would set its children's too)."""
+    for module, training in modes:
+        module.training = training
+
+
 def lora_targets(model: nn.Module, config: HealConfig) -> tuple[str, ...]:
     """The linear layers LoRA adapts: ``config.target_modules``, or every projection of the family's blocks."""
     if config.target_modules is not None:
@@ -459,7 +497,7 @@ def evaluate(model: nn.Module, teacher: Teacher, windows: torch.Tensor, config: 
     """Mean loss terms on the held-out windows, and the student's perplexity there (``exp`` of the LM loss)."""
     if len(windows) == 0:
         return {}
-    was_training = model.training
+    modes = module_modes(model)  # healing_mode's mix of modes (and activation checkpointing's layer flags) come back
     model.eval()
     device = teacher.device
     sums = dict.fromkeys(LOSS_TERMS, 0.0)
@@ -471,7 +509,7 @@ def evaluate(model: nn.Module, teacher: Teacher, windows: torch.Tensor, config: 
             for name, value in terms.items():
                 sums[name] += value.item() * len(indices)
     finally:
-        model.train(was_training)
+        restore_modes(modes)
     means = {name: total / len(windows) for name, total in sums.items()}
     means["ppl"] = math.exp(min(means["lm"], 700.0))
     return means
@@ -515,27 +553,43 @@ def load_checkpoint(folder: Path, expected: dict) -> dict:
     return state
 
 
+DEFERRED_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+
+
 @contextmanager
 def deferred_interrupt() -> Iterator[dict]:
-    """Turn the first Ctrl-C into a flag checked between steps (a second one interrupts at once)."""
+    """Turn the first Ctrl-C (SIGINT) or SIGTERM into a flag checked between steps; a second one interrupts at once.
+
+    SIGTERM is what a scheduler or ``kill`` sends (the CLI maps it to ``KeyboardInterrupt``), so it too finishes the
+    step in progress and writes a checkpoint. A signal that is ignored (``SIG_IGN``) or handled outside Python stays
+    as it is. The previous handlers are restored on exit (and before the second signal interrupts).
+    """
     flag = {"interrupted": False}
     if not _in_main_thread():
         yield flag
         return
-    previous = signal.getsignal(signal.SIGINT)
+    previous = {signum: signal.getsignal(signum) for signum in DEFERRED_SIGNALS}
+    deferred = [signum for signum, handler in previous.items() if handler not in (signal.SIG_IGN, None)]
+
+    def restore() -> None:
+        for signum in deferred:
+            signal.signal(signum, previous[signum])
 
     def handler(signum, frame) -> None:
         if flag["interrupted"]:
-            signal.signal(signal.SIGINT, previous)
+            restore()
             raise KeyboardInterrupt
         flag["interrupted"] = True
-        print("\nfoldgpt: Ctrl-C: finishing the current step and writing a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
+        name = DEFERRED_SIGNALS.get(signum, "signal")
+        print(f"\nfoldgpt: {name}: finishing the current step and writing a checkpoint (Ctrl-C or SIGTERM again to abort)",
+              file=sys.stderr)
 
-    signal.signal(signal.SIGINT, handler)
+    for signum in deferred:
+        signal.signal(signum, handler)
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        restore()
 
 
 def _in_main_thread() -> bool:
@@ -611,7 +665,7 @@ def heal(
         if is_main:
             print(f"foldgpt: resuming from step {start_step}/{total} ({checkpoint_dir})", file=sys.stderr)
     else:
-        torch.manual_seed(config.seed + rank)  # rank 0 (and a single process) as before; other ranks their own dropout
+        torch.manual_seed(config.seed + rank)  # rank 0 (and a single process) as before; other ranks their own LoRA dropout
         evals.append({"step": 0, **evaluate(training_model, teacher_outputs, eval_windows, config)})
 
     def checkpoint(step: int, seconds: float) -> None:
@@ -638,9 +692,9 @@ def heal(
     step = start_step
     completed = True
     with ExitStack() as stack:
+        stack.enter_context(healing_mode(training_model))  # base dropout off, LoRA dropout as configured
         stack.enter_context(activation_checkpointing(model.get_base_model(), config.gradient_checkpointing))
         interrupt = stack.enter_context(deferred_interrupt())
-        training_model.train()
         progress = stack.enter_context(tqdm(total=total, initial=start_step, desc="heal", leave=False, dynamic_ncols=True,
                                             disable=None if is_main else True))
         for step in range(start_step + 1, total + 1):

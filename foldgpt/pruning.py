@@ -22,6 +22,7 @@ from foldgpt.budget import (
     sublayer_budget,
 )
 from foldgpt.data import CalibrationConfig, load_windows
+from foldgpt.distributed import is_main_process
 from foldgpt.errors import FoldGPTError
 from foldgpt.importance import METHODS, Selection, select_blocks
 from foldgpt.importance.base import select_blocks_with
@@ -134,7 +135,7 @@ def prune(
             sublayers_removed=sum(len(v) for v in selection.details["closed_sublayers"].values()),
             parameters_after_plain=count_parameters(model),  # the zeroed plain folder, every tensor kept
         )
-    if out is not None:
+    if out is not None and is_main_process():  # under torchrun / accelerate launch (gates) only rank 0 writes
         with atomic_output_dir(Path(out), overwrite) as folder:
             save_plain_model(model, loaded.tokenizer, folder, metadata)
             if granularity == "sublayer":

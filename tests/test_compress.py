@@ -9,6 +9,7 @@ import yaml
 import foldgpt
 from foldgpt.cli import main
 from foldgpt.errors import FoldGPTError
+from foldgpt.manifest import verify
 from tiny import DEPTH, save_tiny
 
 
@@ -51,6 +52,10 @@ def test_every_stage_runs_and_a_rerun_skips_them_all(tiny_folder, text_file, tmp
         assert summary[name]["perplexity"][str(text_file)]["perplexity"] > 1.0
     assert yaml.safe_load((out / "config.yaml").read_text())["group_size"] == 2
     assert "| run |" in (out / "report" / "report.md").read_text()
+    # the pruned stage is written by foldgpt.prune itself: plain folder, foldgpt.json, gate plot, manifest
+    assert (out / "pruned" / "gates.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "pruned" / "foldgpt.json").read_text())["removed"] == summary["removed_blocks"]
+    assert verify(out / "pruned").ok
     first = stage_records(out)
     capsys.readouterr()
 

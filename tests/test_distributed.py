@@ -136,4 +136,4 @@ def test_device_map_rejects_an_unknown_map():
 def test_other_commands_refuse_to_run_under_a_launcher(monkeypatch, capsys, folded):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["verify", str(folded / "pruned")]) == 2
-    assert "only 'foldgpt heal' trains data-parallel" in capsys.readouterr().err
+    assert "only 'foldgpt heal' and 'foldgpt prune --method gates' train data-parallel" in capsys.readouterr().err

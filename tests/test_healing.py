@@ -4,6 +4,7 @@ and the saved compact folder loads back to the same logits."""
 import copy
 import json
 import signal
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from transformers import AutoModelForCausalLM
 import foldgpt
 from cli_helpers import run_cli
 from foldgpt import healing
+from foldgpt.cli import _interrupt_on_sigterm
 from foldgpt.errors import FoldGPTError
 from foldgpt.healing import HealConfig, WindowSchedule, heal, learning_rate, norm_parameters, save_healed, tail_loss
 from foldgpt.models import adapter_for
@@ -153,23 +155,37 @@ def test_resume_after_an_interruption_gives_the_same_weights_as_an_uninterrupted
     assert resumed.metadata["resumed_from_step"] == 4
 
 
-def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resume_completes_the_same_run(text_file, tmp_path, monkeypatch):
+@pytest.fixture
+def cli_sigterm():
+    """SIGTERM mapped to KeyboardInterrupt as ``foldgpt.cli.main`` does (so without the deferral it interrupts at once,
+    instead of killing the test process); the previous handler back afterwards."""
+    previous = signal.getsignal(signal.SIGTERM)
+    _interrupt_on_sigterm()
+    yield signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_finishes_the_step_writes_a_checkpoint_and_resume_completes_the_same_run(
+        text_file, tmp_path, monkeypatch, cli_sigterm, signum):
     settings = config(text_file, steps=4)
     student, teacher = teacher_and_student("llama")
     full = heal(student, teacher, settings)
 
     original = healing._train_step
 
-    def step_then_ctrl_c(*args, **kwargs):
+    def step_then_signal(*args, **kwargs):
         record = original(*args, **kwargs)
         if record["step"] == 2:
-            signal.raise_signal(signal.SIGINT)  # as if the user pressed Ctrl-C during step 2
+            signal.raise_signal(signum)  # as if the user pressed Ctrl-C, or a scheduler sent SIGTERM, during step 2
         return record
 
-    monkeypatch.setattr(healing, "_train_step", step_then_ctrl_c)
+    handler_before = signal.getsignal(signum)
+    monkeypatch.setattr(healing, "_train_step", step_then_signal)
     student, teacher = teacher_and_student("llama")
     with pytest.raises(KeyboardInterrupt):
         heal(student, teacher, settings, out=tmp_path / "healed")
+    assert signal.getsignal(signal.SIGTERM) is cli_sigterm and signal.getsignal(signum) is handler_before  # restored
     assert not (tmp_path / "healed").exists()
     assert torch.load(tmp_path / "healed.checkpoint" / "checkpoint.pt", weights_only=False)["step"] == 2
     monkeypatch.setattr(healing, "_train_step", original)
@@ -218,6 +234,69 @@ def test_gradient_checkpointing_gives_the_same_losses_and_bf16_autocast_trains(t
         runs[name] = [r["loss"] for r in heal(student, teacher, config(text_file, steps=3, **overrides)).history]
     assert runs["checkpointed"] == pytest.approx(runs["plain"], rel=1e-5)
     assert runs["bf16"] == pytest.approx(runs["plain"], rel=0.05)
+
+
+def gpt2_pair(dropout: float) -> tuple[LoadedModel, LoadedModel]:
+    """Student (block 2 removed) and teacher of the tiny GPT-2 with resid/embd/attn dropout ``dropout`` (the same
+    weights for every ``dropout``)."""
+    teacher = tiny_model("gpt2", resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+    assert any(isinstance(m, torch.nn.Dropout) and m.p == dropout for m in teacher.modules())
+    student = copy.deepcopy(teacher)
+    remove_blocks(student, [2])
+    return LoadedModel(student, tiny_tokenizer(), "student"), LoadedModel(teacher, tiny_tokenizer(), "teacher")
+
+
+def test_healing_trains_with_the_base_model_dropout_off(text_file):
+    losses = {}
+    for name, dropout in (("dropout", 0.5), ("again", 0.5), ("none", 0.0)):
+        result = heal(*gpt2_pair(dropout), config(text_file, steps=2))
+        losses[name] = [r["loss"] for r in result.history]
+        assert not any(m.training for m in result.loaded.model.modules())  # left in eval mode
+    assert losses["dropout"] == losses["again"] == losses["none"]
+
+
+def opt_pair(dropout: float) -> tuple[LoadedModel, LoadedModel]:
+    """Student (block 2 removed) and teacher of the tiny OPT, whose layers apply ``config.dropout`` functionally
+    (``F.dropout(training=self.training)``), the case activation checkpointing's ``layer.training = True`` would switch on."""
+    teacher = tiny_model("opt", dropout=dropout)
+    student = copy.deepcopy(teacher)
+    remove_blocks(student, [2])
+    return LoadedModel(student, tiny_tokenizer(), "student"), LoadedModel(teacher, tiny_tokenizer(), "teacher")
+
+
+def test_checkpointed_healing_keeps_functional_dropout_off(text_file):
+    settings = config(text_file, steps=2, gradient_checkpointing=True)
+    losses = {dropout: [r["loss"] for r in heal(*opt_pair(dropout), settings).history] for dropout in (0.5, 0.0)}
+    assert losses[0.5] == losses[0.0]
+    student, _ = opt_pair(0.5)
+    heal(student, opt_pair(0.5)[1], settings)
+    assert all(layer.dropout == 0.5 for layer in student.model.model.decoder.layers)  # restored after training
+
+
+def test_lora_dropout_still_applies_while_the_base_model_is_in_eval_mode(text_file, monkeypatch):
+    original = healing._train_step
+    modes: list[dict[str, tuple[type, bool]]] = []
+
+    def recording_modes(model, *args, **kwargs):
+        modes.append({name: (type(module), module.training) for name, module in model.named_modules()})
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(healing, "_train_step", recording_modes)
+    settings = config(text_file, steps=2, lora_dropout=0.5, gradient_checkpointing=True)
+    with_lora_dropout = [r["loss"] for r in heal(*gpt2_pair(0.5), settings).history]
+    layers = {f"base_model.model.transformer.h.{i}" for i in range(DEPTH - 1)}
+    assert len(modes) == 2
+    for step in modes:
+        dropouts = {name: training for name, (kind, training) in step.items() if kind is torch.nn.Dropout}
+        lora = {name for name in dropouts if ".lora_dropout." in name}
+        assert lora and len(dropouts) > len(lora)  # the LoRA layers' dropout and GPT-2's own
+        assert {name for name, training in dropouts.items() if training} == lora
+        # everything else in eval mode, but the decoder layers keep activation checkpointing's flag
+        assert {name for name, (_, training) in step.items() if training and ".lora_dropout" not in name} == layers
+    monkeypatch.setattr(healing, "_train_step", original)
+    without = [r["loss"] for r in heal(*gpt2_pair(0.5), replace(settings, lora_dropout=0.0)).history]
+    assert with_lora_dropout[0] == without[0]  # LoRA's B starts at zero: its dropout cannot matter in step 1
+    assert with_lora_dropout[1] != without[1]
 
 
 def test_nan_loss_stops_with_an_error_naming_the_step_and_the_loss(text_file):

@@ -64,10 +64,13 @@ FAMILIES = {
 }
 
 
-def tiny_model(family: str = "llama", seed: int = 0) -> PreTrainedModel:
-    """A randomly initialised model of ``family`` (seeded), float32, eval mode, eager attention."""
+def tiny_model(family: str = "llama", seed: int = 0, **config_overrides: object) -> PreTrainedModel:
+    """A randomly initialised model of ``family`` (seeded), float32, eval mode, eager attention; ``config_overrides``
+    set config attributes (e.g. ``resid_pdrop=0.5``) before the model is built."""
     torch.manual_seed(seed)
     config = FAMILIES[family]()
+    for name, value in config_overrides.items():
+        setattr(config, name, value)
     config._attn_implementation = "eager"
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # larger weights than the HF init, so blocks really differ and tests are meaningful

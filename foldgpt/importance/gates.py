@@ -18,6 +18,12 @@ train exactly as block gates do, each weighted in ``R`` by its own share of the 
 cost of the closed sub-layers (one each for ``--remove N``, parameters or FLOPs for the budget targets). The
 sub-layers with the smallest gates are removed until the target is met (``selection_from_sublayer_gates``); a
 block whose two sub-layers both go is removed as a block.
+
+Data-parallel (``torchrun`` / ``accelerate launch`` with ``W`` processes, see docs/distributed.md): a step sees
+``micro_batch * grad_accum * W`` windows; rank ``r`` takes micro-batches ``r * grad_accum .. (r + 1) * grad_accum - 1``
+of the step's ``grad_accum * W`` (in the order one process would draw them), the gate gradient is averaged over the
+ranks with one all-reduce, so ``W`` processes train the gates of one process with ``grad_accum * W`` micro-batches
+(up to float rounding). Every rank then holds the same gates, so budget control takes the same decisions everywhere.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from foldgpt.distributed import DataParallel
 from foldgpt.errors import FoldGPTError
 from foldgpt.importance.base import Selection, SelectionMethod, register
 from foldgpt.models import adapter_for
@@ -54,9 +61,9 @@ class GateConfig:
 
     ``lam`` weighs the polarization regulariser against the distillation loss and ``t`` its pull towards 0; with
     ``t = 1`` an open gate above the mean feels almost no pull, while a gate below the mean is pushed down with
-    weight ``t + 1``. Each step sees ``micro_batch * grad_accum`` calibration windows. ``loss`` is ``"kl"``
-    (KL(teacher || gated model) on next-token distributions at ``temperature``) or ``"lm"`` (next-token
-    cross-entropy on the calibration text). After each step the gates are clamped to ``[0, max_gate]``.
+    weight ``t + 1``. Each step sees ``micro_batch * grad_accum`` calibration windows (per process, under a
+    launcher). ``loss`` is ``"kl"`` (KL(teacher || gated model) on next-token distributions at ``temperature``) or
+    ``"lm"`` (next-token cross-entropy on the calibration text). After each step the gates are clamped to ``[0, max_gate]``.
 
     Budget control (the paper's FLOPs constraint): with ``lam_growth > 0`` and a removal target, ``lam`` is multiplied
     by ``1 + lam_growth`` after every step in which fewer gates than the target are closed (below ``closed_below``)
@@ -103,6 +110,7 @@ class GateTrainingResult:
     flops_weights: list[float]
     config: GateConfig
     granularity: str = "block"
+    world_size: int = 1  # data-parallel processes: a step saw micro_batch * grad_accum * world_size windows
 
 
 class BlockGates:
@@ -285,14 +293,29 @@ def activation_checkpointing(model: PreTrainedModel, enabled: bool) -> Iterator[
     if not had_input_grad_hooks:
         model.disable_input_require_grads()
     modes = [layer.training for layer in layers]
-    for layer in layers:
+    rates = [_functional_dropout_rates(layer) for layer in layers]
+    for layer, layer_rates in zip(layers, rates):
         layer.training = True
+        for name in layer_rates:
+            setattr(layer, name, 0.0)
     try:
         yield
     finally:
-        for layer, mode in zip(layers, modes):
+        for layer, mode, layer_rates in zip(layers, modes, rates):
             layer.training = mode
+            for name, rate in layer_rates.items():
+                setattr(layer, name, rate)
         model.activation_checkpointing_disable()
+
+
+def _functional_dropout_rates(layer: nn.Module) -> dict[str, float]:
+    """The layer's own float dropout rates (OPT's ``self.dropout``, applied with ``F.dropout(training=self.training)``).
+
+    Setting ``layer.training`` for checkpointing would switch those on, unlike ``nn.Dropout`` sub-modules, which keep
+    their eval mode; :func:`activation_checkpointing` zeroes them while it is active.
+    """
+    return {name: value for name, value in vars(layer).items()
+            if "dropout" in name and isinstance(value, float) and not isinstance(value, bool) and value > 0}
 
 
 def window_batches(windows: torch.Tensor, micro_batch: int, seed: int) -> Iterator[torch.Tensor]:
@@ -361,11 +384,23 @@ def train_gates(
 
     ``n_remove`` is the removal target that budget control (``config.lam_growth > 0``) steers towards: a number of
     gates, or with ``costs`` (one per gate) the cost of the gates to close.
+
+    Under a launcher with several processes (``WORLD_SIZE > 1``) each rank trains on its share of every step's
+    micro-batches on its own device (the model is moved there and back) and the gate gradients are averaged over
+    the ranks; every rank returns the same result. Without one, accelerate is not imported.
     """
     _check_granularity(granularity)
     if windows.dim() != 2 or len(windows) == 0:
         raise FoldGPTError(f"gate training needs calibration windows of shape [n, seqlen], got {tuple(windows.shape)}")
-    device = next(model.parameters()).device
+    parallel = DataParallel.from_environment()
+    rank, world = (parallel.rank, parallel.world) if parallel else (0, 1)
+    home = next(model.parameters()).device
+    if parallel is not None and len(set((getattr(model, "hf_device_map", None) or {}).values())) > 1:
+        raise FoldGPTError(
+            "--device-map spreads one model over the devices of one process; a data-parallel launch (accelerate launch, "
+            "torchrun) gives each process its own device instead: use one or the other"
+        )
+    device = parallel.device if parallel else home
     weights = (block_flops_weights(model) if granularity == "block" else sublayer_flops_weights(model)).to(device)
     if costs is not None and len(costs) != len(weights):
         raise FoldGPTError(f"budget control needs one cost per gate: {len(costs)} costs for {len(weights)} gates")
@@ -378,20 +413,33 @@ def train_gates(
     lambdas: list[float] = []
     lam = config.lam
     with ExitStack() as stack:
+        if device != home:  # data-parallel: this process's replica on its own device, back where it was after
+            module: nn.Module = model  # nn.Module.to: PreTrainedModel.to's annotations confuse mypy
+            module.to(device)
+            stack.callback(module.to, home)
         stack.enter_context(frozen_weights(model))
         stack.enter_context(eval_mode(model))
         stack.enter_context(activation_checkpointing(model, config.gradient_checkpointing))
         gates = stack.enter_context(gated(model, granularity))
         optimizer = torch.optim.Adam([gates.values], lr=config.lr)
-        progress = tqdm(range(1, config.steps + 1), desc="gates", leave=False)
+        progress = tqdm(range(1, config.steps + 1), desc="gates", leave=False, disable=rank != 0)
         for step in progress:
             optimizer.zero_grad(set_to_none=True)
             distill = 0.0
-            for _ in range(config.grad_accum):
-                loss = _micro_batch_loss(model, gates, next(batches).to(device), config)
-                _check_finite(loss, f"{config.loss} loss", step, config.steps)
+            for micro in range(config.grad_accum * world):
+                batch = next(batches)  # every rank draws the whole step's micro-batches, in one process's order
+                if micro // config.grad_accum != rank:
+                    continue  # another rank's share
+                loss = _micro_batch_loss(model, gates, batch.to(device), config)
+                if parallel is None:
+                    _check_finite(loss, f"{config.loss} loss", step, config.steps)
                 (loss / config.grad_accum).backward()
                 distill += loss.item() / config.grad_accum
+            if parallel is not None:  # the same loss on every rank (a NaN on one stops all), then the mean gradient
+                distill = parallel.mean({"distill": distill})["distill"]
+                _check_finite(torch.tensor(distill), f"{config.loss} loss", step, config.steps)
+                assert gates.values.grad is not None
+                parallel.mean_(gates.values.grad)
             regularizer = polarization_regularizer(gates.values, weights, config.t)
             _check_finite(regularizer, "polarization regularizer", step, config.steps)
             (lam * regularizer).backward()
@@ -405,6 +453,8 @@ def train_gates(
             lambdas.append(lam)
             lam = next_lambda(lam, gates.values.detach(), n_remove, config, cost_tensor)
             progress.set_postfix(loss=f"{totals[-1]:.4f}")
+    if parallel is not None and len({repr(ranked) for ranked in parallel.gather_object((history[-1], lambdas))}) > 1:
+        raise FoldGPTError("data-parallel gate training: the ranks ended with different gates (a bug; please report it)")
     return GateTrainingResult(
         gates=history[-1],
         gate_history=history,
@@ -415,6 +465,7 @@ def train_gates(
         flops_weights=weights.cpu().tolist(),
         config=config,
         granularity=granularity,
+        world_size=world,
     )
 
 
@@ -440,6 +491,7 @@ def _details(result: GateTrainingResult) -> dict:
         "lambda_history": result.lambda_history,
         "flops_weights": result.flops_weights,
         "hyperparameters": asdict(result.config),
+        "world_size": result.world_size,
     }
 
 
