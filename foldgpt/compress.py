@@ -280,13 +280,16 @@ def format_summary(summary: dict) -> str:
     dense, compressed = summary["dense"], summary["compressed"]
     metrics = [(f"{name} ppl", "perplexity", name) for name in dense.get("perplexity", {})]
     metrics += [(f"{task} acc", "tasks", task) for task in dense.get("tasks", {}).get("metrics", {})]
-    header = f"{'model':<12}{'params':>14}" + "".join(f"{label:>16}" for label, _, _ in metrics)
+    widths = [max(10, len(label) + 2) for label, _, _ in metrics]  # every column wider than its label
+    header = f"{'model':<12}{'params':>14}" + "".join(f"{label:>{width}}" for (label, _, _), width in zip(metrics, widths))
     rows = [header, "-" * len(header)]
     for label, results, params in (("dense", dense, summary["parameters"]["dense"]),
                                    ("compressed", compressed, summary["parameters"]["unique"])):
-        cells = "".join(f"{_headline(results, kind, name):>16}" for _, kind, name in metrics)
+        cells = "".join(f"{_headline(results, kind, name):>{width}}" for (_, kind, name), width in zip(metrics, widths))
         rows.append(f"{label:<12}{params:>14,}{cells}")
-    rows.append(f"removed blocks {summary['removed_blocks']} ({summary['method']}); groups {summary['groups']}")
+    shared = [group for group in summary["groups"] if len(group) > 1]
+    rows.append(f"removed blocks {summary['removed_blocks']} ({summary['method']}); "
+                + (f"shared groups {shared}" if shared else "no sharing (groups of 1)"))
     rows.append("stages: " + ", ".join(f"{name} {_stage_time(stage)}" for name, stage in summary["stages"].items()))
     return "\n".join(rows)
 

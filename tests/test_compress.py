@@ -159,3 +159,20 @@ def test_a_parameter_target_counts_the_sharing_too(tiny_folder, text_file, tmp_p
     # without sharing, removal alone must reach the target, so more blocks go
     assert len(fewer["removed_blocks"]) > len(summary["removed_blocks"])
     assert fewer["parameters"]["unique"] <= 0.7 * parameters["dense"]
+
+
+def test_summary_table_columns_line_up_under_long_task_names():
+    from foldgpt.compress import format_summary  # noqa: PLC0415
+
+    results = {"perplexity": {"wikitext2": {"perplexity": 22.88}},
+               "tasks": {"metrics": {"arc_challenge": {"acc": 0.23}, "winogrande": {"acc": 0.48}}}}
+    summary = {"dense": results, "compressed": results, "parameters": {"dense": 134_515_008, "unique": 115_228_224},
+               "removed_blocks": [3, 4], "method": "gates", "groups": [[0, 1], [2]],
+               "stages": {"dense": {"skipped": False, "seconds": 573.2}, "final": {"skipped": True}}}
+    header, _, dense_row, compressed_row, removed, stages = format_summary(summary).splitlines()
+    for label, value in (("wikitext2 ppl", "22.88"), ("arc_challenge acc", "0.2300"), ("winogrande acc", "0.4800")):
+        end = header.index(label) + len(label)  # right-aligned: each value ends where its label ends
+        assert dense_row[end - len(value):end] == value and compressed_row[end - len(value):end] == value
+        assert header[header.index(label) - 1] == " "  # labels never run into each other
+    assert removed == "removed blocks [3, 4] (gates); shared groups [[0, 1]]"
+    assert stages == "stages: dense 573s, final skipped"
