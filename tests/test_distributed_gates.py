@@ -74,3 +74,17 @@ def test_prune_with_another_method_still_refuses_a_launcher(folder, monkeypatch,
     assert main(["prune", "model", "--method", "bi", "--remove", "1", "--calibration", "calib.txt", "--out", "bi"]) == 2
     assert "'foldgpt prune' runs in one process" in capsys.readouterr().err
     assert not (folder / "bi").exists()
+
+
+def test_prune_api_writes_on_rank_zero_only(folder, tmp_path, monkeypatch):
+    from foldgpt import prune  # noqa: PLC0415
+    from foldgpt.data import CalibrationConfig  # noqa: PLC0415
+    from foldgpt.models import load_model  # noqa: PLC0415
+
+    calibration = CalibrationConfig(data=str(folder / "calib.txt"), nsamples=2, seqlen=16)
+    monkeypatch.setenv("RANK", "1")  # as torchrun sets it in the second process
+    result = prune(load_model(str(folder / "model")), "bi", remove=1, calibration=calibration, out=tmp_path / "rank1")
+    assert len(result.selection.removed) == 1 and not (tmp_path / "rank1").exists()
+    monkeypatch.setenv("RANK", "0")
+    prune(load_model(str(folder / "model")), "bi", remove=1, calibration=calibration, out=tmp_path / "rank0")
+    assert (tmp_path / "rank0" / "config.json").is_file()
