@@ -1,0 +1,95 @@
+"""How much the gates' choice depends on the calibration draw, and whether reading the gates differently steadies it.
+
+    OMP_NUM_THREADS=1 python benchmarks/gate_stability.py --seeds 0,1,2 --remove 6
+
+For each seed: draw the standard calibration windows (wikitext2 validation, 8 x 256 tokens) with that seed, train the
+gates with the defaults (budget control towards ``--remove`` blocks), and remove blocks by two rules read off the
+same run: ``final`` (the smallest final gates, what ``--method gates`` does) and ``mean-last-quarter`` (the smallest
+gates averaged over the last quarter of the steps, which smooths the budget controller's step-to-step swings).
+Each removal set is scored on held-out *validation* text (WikiText-2 and PTB validation, first ``--max-tokens``
+tokens, windows of 1024), never a test split, so the rule can be chosen on it. Block Influence on the same windows is
+the reference. Prints a table and writes JSON with the gate trajectories.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from foldgpt.data import evaluation_windows, load_text, load_windows, tokenize
+from foldgpt.evaluation import windows_perplexity
+from foldgpt.importance import select_blocks
+from foldgpt.importance.gates import GateConfig, train_gates
+from foldgpt.models import load_model
+from foldgpt.removal import remove_blocks
+
+
+def smallest(values: list[float], count: int) -> list[int]:
+    """The ``count`` blocks with the smallest values (ties: the earlier block), sorted."""
+    return sorted(sorted(range(len(values)), key=lambda i: (values[i], i))[:count])
+
+
+def removal_rules(history: list[list[float]], n_remove: int) -> dict[str, list[int]]:
+    """Removal sets read off one gate trajectory (one list of gate values per step)."""
+    quarter = torch.tensor(history[-max(1, len(history) // 4):]).mean(dim=0).tolist()
+    return {"final": smallest(history[-1], n_remove), "mean-last-quarter": smallest(quarter, n_remove)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--remove", type=int, default=6)
+    parser.add_argument("--max-tokens", type=int, default=8192, help="validation tokens per set")
+    parser.add_argument("--overrides", default="{}", help='GateConfig overrides as JSON, e.g. \'{"grad_accum": 2}\'')
+    parser.add_argument("--out", default="benchmarks/results/gate_stability.json")
+    args = parser.parse_args()
+    loaded = load_model(args.model)
+    held_out = {name: evaluation_windows(tokenize(loaded.tokenizer, load_text(name, "calibration")), 1024, args.max_tokens)
+                for name in ("wikitext2", "ptb")}
+    scored: dict[tuple[int, ...], dict[str, float]] = {}
+
+    def validation_perplexity(removed: list[int]) -> dict[str, float]:
+        if tuple(removed) not in scored:
+            model = remove_blocks(copy.deepcopy(loaded.model), removed)
+            scored[tuple(removed)] = {name: windows_perplexity(model, windows) for name, windows in held_out.items()}
+        return scored[tuple(removed)]
+
+    out = Path(args.out)
+    rows = json.loads(out.read_text()) if out.is_file() else []
+    for seed in (int(s) for s in args.seeds.split(",")):
+        calibration = load_windows(loaded.tokenizer, "wikitext2", 8, 256, seed)
+        start = time.perf_counter()
+        overrides = json.loads(args.overrides)
+        trained = train_gates(loaded.model, calibration, GateConfig(**overrides), seed=seed, n_remove=args.remove)
+        seconds = time.perf_counter() - start
+        sets = {**removal_rules(trained.gate_history, args.remove),
+                "bi": select_blocks("bi", loaded.model, calibration, args.remove, seed).removed}
+        for rule, removed in sets.items():
+            ppl = validation_perplexity(removed)
+            row = {"seed": seed, "rule": rule, "overrides": overrides if rule != "bi" else {}, "removed": removed, "validation_perplexity": ppl,
+                   "mean_log_ppl": sum(math.log(v) for v in ppl.values()) / len(ppl)}
+            print(json.dumps(row), flush=True)
+            rows.append({**row, "train_seconds": seconds if rule != "bi" else None})
+        rows.append({"seed": seed, "rule": "trajectory", "overrides": overrides, "gate_history": trained.gate_history})
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(rows, indent=1) + "\n")
+    print_table([r for r in rows if r["rule"] != "trajectory"])
+
+
+def print_table(rows: list[dict]) -> None:
+    print("| seed | gate settings | rule | removed | WikiText-2 val ppl | PTB val ppl |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        ppl = row["validation_perplexity"]
+        print(f"| {row['seed']} | {json.dumps(row.get('overrides', {}))} | {row['rule']} | {' '.join(map(str, row['removed']))} | {ppl['wikitext2']:.2f} | {ppl['ptb']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
