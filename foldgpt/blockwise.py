@@ -584,9 +584,11 @@ def blockwise_perplexity(runner: BlockwiseModel, dataset: str = "wikitext2", seq
                             seconds=time.perf_counter() - start)
 
 
-def _unsupported_method(method: str) -> FoldGPTError:
-    *first, last = BLOCKWISE_METHODS
-    return FoldGPTError(f"--offload blocks supports --method {', '.join(first)} and {last}; '{method}' needs the whole model")
+def check_blockwise_method(method: str) -> None:
+    """A one-line error unless ``method`` is one of :data:`BLOCKWISE_METHODS`."""
+    if method not in BLOCKWISE_METHODS:
+        *first, last = BLOCKWISE_METHODS
+        raise FoldGPTError(f"--offload blocks supports --method {', '.join(first)} and {last}; '{method}' needs the whole model")
 
 
 def blockwise_selection(method: str, runner: BlockwiseModel, windows: torch.Tensor, n_remove: int,
@@ -595,8 +597,7 @@ def blockwise_selection(method: str, runner: BlockwiseModel, windows: torch.Tens
     from foldgpt.importance.angular import selection_from_stats as angular_selection  # noqa: PLC0415
     from foldgpt.importance.bi import selection_from_stats as bi_selection  # noqa: PLC0415
 
-    if method not in BLOCKWISE_METHODS:
-        raise _unsupported_method(method)
+    check_blockwise_method(method)
     start = time.perf_counter()
     if method == "sleb":
         selection = blockwise_sleb(runner, windows, n_remove, offload_dir=offload_dir)
@@ -644,8 +645,7 @@ def prune_blockwise(spec: str, method: str = "bi", remove: int | None = None, re
     from foldgpt.pruning import _in_original_numbering  # noqa: PLC0415
     from foldgpt.removal import count_parameters, remove_blocks  # noqa: PLC0415
 
-    if method not in BLOCKWISE_METHODS:
-        raise _unsupported_method(method)
+    check_blockwise_method(method)
     calibration = calibration or CalibrationConfig()
     runner = BlockwiseModel(spec, dtype=dtype, device=device)
     skeleton = runner.skeleton()
@@ -789,6 +789,7 @@ __all__ = [
     "blockwise_selection",
     "blockwise_sleb",
     "blockwise_windows_perplexity",
+    "check_blockwise_method",
     "peak_rss_bytes",
     "prune_blockwise",
     "write_without_blocks",

@@ -366,10 +366,9 @@ def run_prune(args: argparse.Namespace) -> None:
 
 
 def _run_prune_blockwise(args: argparse.Namespace) -> None:
-    from foldgpt.blockwise import BLOCKWISE_METHODS, prune_blockwise  # noqa: PLC0415
+    from foldgpt.blockwise import check_blockwise_method, prune_blockwise  # noqa: PLC0415
 
-    if args.method not in BLOCKWISE_METHODS:
-        raise FoldGPTError(f"--offload blocks supports --method bi, angular and sleb; '{args.method}' needs the whole model")
+    check_blockwise_method(args.method)
     if getattr(args, "granularity", "block") != "block":
         raise FoldGPTError("--offload blocks removes whole blocks; drop --granularity")
     meta = prune_blockwise(args.model, args.method, calibration=_calibration(args), out=args.out, overwrite=args.overwrite,
@@ -661,7 +660,7 @@ def run_heal(args: argparse.Namespace) -> None:
     import dataclasses  # noqa: PLC0415
 
     from foldgpt.artifacts import check_output_free  # noqa: PLC0415
-    from foldgpt.distributed import launched_world_size, load_placed  # noqa: PLC0415
+    from foldgpt.distributed import is_main_process, launched_world_size, load_placed  # noqa: PLC0415
     from foldgpt.healing import heal  # noqa: PLC0415
 
     check_output_free(Path(args.out), args.overwrite)
@@ -669,7 +668,7 @@ def run_heal(args: argparse.Namespace) -> None:
     device, main_process = args.device, True
     if launched_world_size() > 1:  # accelerate launch / torchrun: read on the CPU, heal moves (DDP) or shards (FSDP)
         device = "cpu"  # the models to each process's own device; rank 0 reports
-        main_process = os.environ.get("RANK", "0") == "0"
+        main_process = is_main_process()
         config = dataclasses.replace(config, world_size=launched_world_size())  # the global batch, for the message
     student = load_placed(args.student, dtype=args.dtype, device=device, device_map=args.device_map)
     teacher = load_placed(args.teacher, dtype=args.dtype, device=device, device_map=args.device_map)
@@ -690,7 +689,7 @@ def run_heal(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}" + (f" and {args.out}/plain" if args.plain else ""))
 
 
-def _refuse_launcher_unless_heal(command: str, method: str | None = None) -> None:
+def _refuse_launcher_unless_data_parallel(command: str, method: str | None = None) -> None:
     """Under accelerate launch / torchrun every process would run the command and write the same output: only ``heal``
     and ``prune --method gates`` know how to split the work (see docs/distributed.md)."""
     from foldgpt.distributed import launched_world_size  # noqa: PLC0415
@@ -718,7 +717,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _interrupt_on_sigterm()
     handler: Callable[[argparse.Namespace], None] = args.handler
     try:
-        _refuse_launcher_unless_heal(args.command, getattr(args, "method", None))
+        _refuse_launcher_unless_data_parallel(args.command, getattr(args, "method", None))
         if getattr(args, "config", None):
             from foldgpt.config import apply_yaml_config  # noqa: PLC0415
 
