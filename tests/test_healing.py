@@ -161,8 +161,12 @@ def cli_sigterm():
     instead of killing the test process); the previous handler back afterwards."""
     previous = signal.getsignal(signal.SIGTERM)
     _interrupt_on_sigterm()
+    # Ctrl-C as Python sets it up in a terminal: a job started in the background of a shell inherits SIGINT ignored,
+    # which healing rightly leaves alone, so the Ctrl-C case would not interrupt at all
+    previous_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, previous)
+    signal.signal(signal.SIGINT, previous_sigint)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
