@@ -65,7 +65,8 @@ def _add_device_map(parser: argparse.ArgumentParser) -> None:
                         "--device (not with accelerate launch / torchrun, where each process has its own GPU)")
 
 
-def _add_calibration(parser: argparse.ArgumentParser, nsamples: int = 16) -> None:
+def _add_calibration(parser: argparse.ArgumentParser, nsamples: int | None = 16) -> None:
+    """``nsamples=None``: the default depends on ``--method`` (``foldgpt.data.default_calibration``)."""
     group = parser.add_argument_group("calibration data")
     group.add_argument(
         "--calibration",
@@ -74,7 +75,8 @@ def _add_calibration(parser: argparse.ArgumentParser, nsamples: int = 16) -> Non
         help="wikitext2 (validation split), ptb (validation), alpaca, a .txt/.jsonl/.json file, or a cached datasets "
         "name (default: wikitext2); named sets are read from $FOLDGPT_DATA or ../shared/data",
     )
-    group.add_argument("--nsamples", type=positive_int, default=nsamples, help=f"number of calibration windows (default: {nsamples})")
+    default = nsamples if nsamples is not None else "64 for --method gates, 16 for the others"
+    group.add_argument("--nsamples", type=positive_int, default=nsamples, help=f"number of calibration windows (default: {default})")
     group.add_argument("--seqlen", type=positive_int, default=256, help="tokens per calibration window (default: 256)")
     group.add_argument("--seed", type=int, default=0, help="seed for window offsets and random choices (default: 0)")
 
@@ -132,6 +134,13 @@ def _add_gate_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--gate-lambda-growth", type=float, default=defaults.lam_growth,
                        help="budget control: grow (shrink) lambda by this factor after each step with too few (many) "
                        f"closed gates, so that the target number of blocks switches off (default: {defaults.lam_growth}; 0 = off)")
+    group.add_argument("--gate-lambda-damping", type=float, default=defaults.lam_damping,
+                       help="budget control: multiply the growth by this each time the controller turns back (it "
+                       f"overshot), so lambda settles instead of swinging (default: {defaults.lam_damping}; 1 = constant growth)")
+    group.add_argument("--gate-center", choices=("mean", "target"), default=defaults.polarization_center,
+                       help="split point of the polarization regulariser: mean (Zhuang et al.: every gate below the mean "
+                       "is pushed to 0) or target (only the gates the removal target would take now are pushed) "
+                       f"(default: {defaults.polarization_center})")
     group.add_argument("--gate-t", type=float, default=defaults.t, help=f"the regulariser's pull towards 0, t (default: {defaults.t})")
     group.add_argument("--gate-loss", choices=("kl", "lm"), default=defaults.loss,
                        help="kl: KL(dense model || gated model) on logits; lm: next-token loss (default: kl)")
@@ -145,10 +154,7 @@ def _add_gate_options(parser: argparse.ArgumentParser) -> None:
 def _gate_config(args: argparse.Namespace):
     from foldgpt.importance.gates import GateConfig  # noqa: PLC0415
 
-    return GateConfig(steps=args.gate_steps, lr=args.gate_lr, lam=args.gate_lambda, lam_growth=args.gate_lambda_growth,
-                      t=args.gate_t, loss=args.gate_loss,
-                      micro_batch=args.gate_micro_batch, grad_accum=args.gate_grad_accum,
-                      gradient_checkpointing=args.gradient_checkpointing)
+    return GateConfig.from_settings(vars(args))
 
 
 def _add_sharing_options(parser: argparse.ArgumentParser, *, required: bool) -> None:
@@ -223,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "contiguous span (Gromov et al.); sleb: greedy by calibration perplexity (SLEB); last: the last N "
                        "before the final block; random: seeded control")
     _add_targets(prune)
-    _add_calibration(prune)
+    _add_calibration(prune, nsamples=None)
     _add_gate_options(prune)
     prune.add_argument("--granularity", default="block", choices=("block", "sublayer"),
                        help="block: one gate per block (default); sublayer: --method gates only, one gate on the attention "
@@ -301,9 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _calibration(args: argparse.Namespace):
-    from foldgpt.data import CalibrationConfig  # noqa: PLC0415
+    from foldgpt.data import CalibrationConfig, default_calibration  # noqa: PLC0415
 
-    return CalibrationConfig(data=args.calibration, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+    nsamples = args.nsamples or default_calibration(getattr(args, "method", None)).nsamples
+    return CalibrationConfig(data=args.calibration, nsamples=nsamples, seqlen=args.seqlen, seed=args.seed)
 
 
 def _load(args: argparse.Namespace):
@@ -516,7 +523,9 @@ def add_compress_options(parser: argparse.ArgumentParser) -> None:
     removal = parser.add_argument_group("block removal")
     removal.add_argument("--method", default="gates", choices=METHOD_NAMES, help="block-selection method (default: gates)")
     _add_targets(parser, default_remove=6)
-    _add_calibration(parser, nsamples=8)  # the calibration the gate defaults were tuned and benchmarked with
+    from foldgpt.data import GATE_CALIBRATION_WINDOWS  # noqa: PLC0415
+
+    _add_calibration(parser, nsamples=GATE_CALIBRATION_WINDOWS)  # the gates' default (also for the analysis stage)
     _add_gate_options(parser)
     _add_sharing_options(parser, required=False)
     _add_heal_pipeline_options(parser)

@@ -225,10 +225,7 @@ def _calibration(settings: dict[str, Any]):
 def _gate_config(settings: dict[str, Any]):
     from foldgpt.importance.gates import GateConfig  # noqa: PLC0415
 
-    return GateConfig(steps=settings["gate_steps"], lr=settings["gate_lr"], lam=settings["gate_lambda"],
-                      lam_growth=settings["gate_lambda_growth"], t=settings["gate_t"], loss=settings["gate_loss"],
-                      micro_batch=settings["gate_micro_batch"], grad_accum=settings["gate_grad_accum"],
-                      gradient_checkpointing=settings["gradient_checkpointing"])
+    return GateConfig.from_settings(settings)
 
 
 def heal_config(settings: dict[str, Any]):

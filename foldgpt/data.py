@@ -187,6 +187,19 @@ class CalibrationConfig:
     seed: int = 0
 
 
+GATE_CALIBRATION_WINDOWS = 64
+"""Default calibration windows for ``--method gates``: gate training draws one window per step (80 by default), so
+with the usual 16 (or 8) windows it sees each window five or ten times and its choice follows the draw; with 64 it
+sees most once, at the same cost. On SmolLM2 (6 blocks, three draws, validation text) that cut the spread of the
+chosen sets' mean log perplexity from 0.26 to 0.05 (README, "How much the choice depends on the calibration draw")."""
+
+
+def default_calibration(method: str | None = None) -> CalibrationConfig:
+    """The calibration a method uses when none is given: ``GATE_CALIBRATION_WINDOWS`` windows for the gates, whose cost
+    does not grow with them, and ``CalibrationConfig()`` (16) for the scoring methods."""
+    return CalibrationConfig(nsamples=GATE_CALIBRATION_WINDOWS) if method == "gates" else CalibrationConfig()
+
+
 def load_windows(
     tokenizer: PreTrainedTokenizerBase, spec: str, nsamples: int, seqlen: int, seed: int = 0
 ) -> torch.Tensor:

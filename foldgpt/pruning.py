@@ -21,7 +21,7 @@ from foldgpt.budget import (
     model_flops_per_token,
     sublayer_budget,
 )
-from foldgpt.data import CalibrationConfig, load_windows
+from foldgpt.data import CalibrationConfig, default_calibration, load_windows
 from foldgpt.distributed import is_main_process
 from foldgpt.errors import FoldGPTError
 from foldgpt.importance import METHODS, Selection, select_blocks
@@ -76,7 +76,7 @@ def prune(
         raise FoldGPTError(f"unknown granularity '{granularity}'; choose one of {', '.join(GRANULARITIES)}")
     if granularity == "sublayer" and method != "gates":
         raise FoldGPTError(f"--granularity sublayer needs --method gates (method '{method}' scores whole blocks)")
-    calibration = calibration or CalibrationConfig()
+    calibration = calibration or default_calibration(method)
     model = loaded.model
     if getattr(model.config, "foldgpt_sharing", None) or hasattr(model, "get_base_model"):
         raise FoldGPTError(f"'{loaded.source}' is folded or healed; remove blocks first, then fold (prune the unfolded model)")

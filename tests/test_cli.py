@@ -161,13 +161,28 @@ def test_prune_accepts_a_flops_target(capsys, tiny_folder, text_file, tmp_path):
 def test_prune_with_gates_records_the_gate_trajectory_and_draws_it(capsys, tiny_folder, text_file, tmp_path):
     out = tmp_path / "gates"
     code, _, _ = run_cli(capsys, "prune", tiny_folder, "--method", "gates", "--remove", 2, "--gate-steps", 5,
-                         "--gate-lambda-growth", "0.3", "--calibration", text_file, "--nsamples", 2, "--seqlen", 32, "--out", out)
+                         "--gate-lambda-growth", "0.3", "--gate-lambda-damping", "0.5", "--gate-center", "target",
+                         "--calibration", text_file, "--nsamples", 2, "--seqlen", 32, "--out", out)
     assert code == 0
     metadata = json.loads((out / "foldgpt.json").read_text())
     history = metadata["details"]["gate_history"]
     assert len(history) == 5 and all(len(step) == DEPTH for step in history)
     assert metadata["details"]["hyperparameters"]["steps"] == 5
     assert metadata["details"]["hyperparameters"]["lam_growth"] == 0.3
+    assert metadata["details"]["hyperparameters"]["lam_damping"] == 0.5
+    assert metadata["details"]["hyperparameters"]["polarization_center"] == "target"
     gates = metadata["scores"]
     assert metadata["removed"] == sorted(sorted(range(DEPTH), key=lambda i: (gates[i], i))[:2])
     assert (out / "gates.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_nsamples_defaults_to_64_windows_for_gates_and_16_for_scoring_methods(capsys, tiny_folder, text_file, tmp_path):
+    # gate training draws one window per step, so the gates get more windows by default (foldgpt.data.default_calibration)
+    for method, expected in (("gates", 64), ("bi", 16)):
+        out = tmp_path / method
+        code, _, _ = run_cli(capsys, "prune", tiny_folder, "--method", method, "--remove", 1, "--gate-steps", 2,
+                             "--calibration", text_file, "--seqlen", 16, "--out", out)
+        assert code == 0
+        assert json.loads((out / "foldgpt.json").read_text())["calibration"]["nsamples"] == expected
+    prune_help = build_parser()._subparsers._group_actions[0].choices["prune"].format_help()
+    assert "64 for --method gates, 16 for the others" in " ".join(prune_help.split())

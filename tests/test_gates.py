@@ -2,6 +2,7 @@
 training leaves the model exactly as it found it."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from foldgpt.importance.gates import (
     polarization_regularizer,
     select_by_gates,
     select_by_gates_with,
+    target_center,
     train_gates,
 )
 from foldgpt.plotting import plot_gate_history
@@ -164,6 +166,32 @@ def test_gate_config_rejects_bad_values():
         GateConfig(steps=0)
 
 
+def test_target_center_splits_off_the_gates_the_removal_target_needs():
+    gates = torch.tensor([0.9, 0.1, 0.8, 0.3, 0.95])
+    assert target_center(gates, 2) == pytest.approx(0.55)  # between 0.3 (2nd smallest) and 0.8
+    assert target_center(gates, 1) == pytest.approx(0.2)
+    # costs: the gate at 0.3 costs 3, so a cost target of 2 already needs it, and 4 needs it too
+    assert target_center(gates, 2, torch.tensor([1.0, 1.0, 1.0, 3.0, 1.0])) == pytest.approx(0.55)
+    assert target_center(gates, 5, torch.tensor([1.0, 1.0, 1.0, 3.0, 1.0])) == pytest.approx(0.85)
+
+
+def test_target_centered_regulariser_pushes_only_the_gates_below_the_split():
+    # with t = 1 a gate above the center feels no pull (t - 1 = 0); below it the push is (t + 1) * w
+    gates = torch.tensor([0.9, 0.1, 0.8, 0.3], requires_grad=True)
+    weights = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    polarization_regularizer(gates, weights, t=1.0, center=target_center(gates, 2)).backward()
+    assert gates.grad.tolist() == pytest.approx([0.0, 0.4, 0.0, 0.8])
+
+
+def test_target_centered_gates_close_on_identity_blocks():
+    model = identity_block_model([2, 4])
+    config = GateConfig(steps=30, lr=0.1, lam=0.2, polarization_center="target")
+    selection = select_by_gates_with(config)(model, random_ids(batch=8, length=16), 2, 0)
+    gates = selection.details["final_gates"]
+    assert selection.removed == [2, 4], gates
+    assert max(gates[2], gates[4]) < 0.05 and min(g for i, g in enumerate(gates) if i not in (2, 4)) > 0.5, gates
+
+
 def test_plot_gate_history(tmp_path):
     path = tmp_path / "gates.png"
     plot_gate_history([[1.0, 0.9, 0.95], [0.9, 0.4, 1.0], [0.8, 0.0, 1.0]], path)
@@ -178,6 +206,25 @@ def test_budget_control_moves_lambda_towards_the_target():
     assert next_lambda(1.5, gates, n_remove=0, config=config) == pytest.approx(1.0)
     assert next_lambda(1.0, gates, n_remove=3, config=GateConfig(lam_growth=0.0)) == 1.0  # off
     assert next_lambda(1.0, gates, n_remove=None, config=config) == 1.0
+
+
+def test_budget_control_damping_shrinks_the_step_after_each_reversal():
+    # the controller multiplies lambda by (1 + growth) towards the target; each time it has to turn back (it
+    # overshot) the growth is multiplied by lam_damping, so lambda settles instead of swinging for ever
+    model = tiny_model("llama")
+    config = GateConfig(steps=60, lr=0.1, lam=0.05, lam_growth=0.4, lam_damping=0.5)
+    result = train_gates(model, random_ids(batch=4, length=16), config, seed=0, n_remove=2)
+    lams = result.lambda_history
+    steps = [math.log(b / a) for a, b in zip(lams, lams[1:]) if not math.isclose(a, b)]
+    growth, reversals = config.lam_growth, 0
+    for before, after in zip(steps, steps[1:]):
+        if (before > 0) != (after > 0):
+            growth *= config.lam_damping
+            reversals += 1
+        assert abs(after) == pytest.approx(math.log1p(growth)), (before, after)
+    assert reversals >= 1, lams  # the test exercises a reversal
+    with pytest.raises(FoldGPTError, match="lam_damping"):
+        GateConfig(lam_damping=0.0)
 
 
 def test_budget_control_closes_the_target_number_of_gates_on_a_real_block_stack():
