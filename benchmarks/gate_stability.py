@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--remove", type=int, default=6)
+    parser.add_argument("--nsamples", type=int, default=8, help="calibration windows of 256 tokens per draw")
     parser.add_argument("--max-tokens", type=int, default=8192, help="validation tokens per set")
     parser.add_argument("--overrides", default="{}", help='GateConfig overrides as JSON, e.g. \'{"grad_accum": 2}\'')
     parser.add_argument("--out", default="benchmarks/results/gate_stability.json")
@@ -64,7 +65,7 @@ def main() -> None:
     out = Path(args.out)
     rows = json.loads(out.read_text()) if out.is_file() else []
     for seed in (int(s) for s in args.seeds.split(",")):
-        calibration = load_windows(loaded.tokenizer, "wikitext2", 8, 256, seed)
+        calibration = load_windows(loaded.tokenizer, "wikitext2", args.nsamples, 256, seed)
         start = time.perf_counter()
         overrides = json.loads(args.overrides)
         trained = train_gates(loaded.model, calibration, GateConfig(**overrides), seed=seed, n_remove=args.remove)
@@ -73,7 +74,7 @@ def main() -> None:
                 "bi": select_blocks("bi", loaded.model, calibration, args.remove, seed).removed}
         for rule, removed in sets.items():
             ppl = validation_perplexity(removed)
-            row = {"seed": seed, "rule": rule, "overrides": overrides if rule != "bi" else {}, "removed": removed, "validation_perplexity": ppl,
+            row = {"seed": seed, "nsamples": args.nsamples, "rule": rule, "overrides": overrides if rule != "bi" else {}, "removed": removed, "validation_perplexity": ppl,
                    "mean_log_ppl": sum(math.log(v) for v in ppl.values()) / len(ppl)}
             print(json.dumps(row), flush=True)
             rows.append({**row, "train_seconds": seconds if rule != "bi" else None})

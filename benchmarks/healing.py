@@ -5,9 +5,9 @@
 Students (cached under ``--work``, which is ignored by git): (a) ``gates6``: 6 blocks removed by the learned gates
 (default ``GateConfig``), (b) ``gates6-g2``: the same folded in contiguous groups of 2 (parent: first block), (c)
 ``bi6``: 6 blocks removed by Block Influence, (d) ``gates6-c8``: the gates on 8 calibration windows instead of 16
-(what ``compress`` uses). Each is healed from the dense model on ``--data`` (Alpaca by default) for
-``--tokens`` tokens with KL + tail + LM; the ``--ablation-cases`` are also healed with KL only and KL + tail. The teacher's
-outputs are cached once on disk (``--work/teacher-cache``) and shared by every run (the runs see the same windows).
+((a) keeps the 16 it was measured with, although the gates' default is now 64). Each is healed from the dense model
+on ``--data`` (Alpaca by default) for ``--tokens`` tokens with KL + tail + LM; the ``--ablation-cases`` are also
+healed with KL only and KL + tail. The teacher's outputs are cached once on disk (``--work/teacher-cache``) and shared by every run (the runs see the same windows).
 Perplexity: WikiText-2 test, the first ``--max-tokens`` tokens in windows of ``--eval-seqlen`` (the README protocol).
 
 Throughput (``--throughput-steps``): a healing step with the teacher computed on the fly against a plain step of the same
@@ -34,15 +34,16 @@ from foldgpt.healing import HealConfig, heal, healing_windows
 
 LOSS_SETS = {"kl": (1.0, 0.0, 0.0), "kl+tail": (1.0, 1.0, 0.0), "kl+tail+lm": (1.0, 1.0, 1.0)}
 CASES = {"gates6": "(a) gates, 6 removed", "gates6-g2": "(b) gates, 6 removed + G=2 sharing", "bi6": "(c) bi, 6 removed",
-         "gates6-c8": "(d) gates, 6 removed, 8 calibration windows (the compress default)"}
+         "gates6-c8": "(d) gates, 6 removed, 8 calibration windows"}
 
 
 def prepare_students(model: str, work: Path) -> dict[str, Path]:
     """The three students as folders under ``work`` (pruned once; gate training takes minutes on a CPU)."""
     folders = {name: work / name for name in CASES}
     for method, name in (("gates", "gates6"), ("bi", "bi6")):
-        if not (folders[name] / "config.json").is_file():
-            foldgpt.prune(foldgpt.load(model), method=method, remove=6, out=folders[name])
+        if not (folders[name] / "config.json").is_file():  # 16 windows: prune's default when the table was measured
+            foldgpt.prune(foldgpt.load(model), method=method, remove=6, out=folders[name],
+                          calibration=foldgpt.CalibrationConfig(nsamples=16))
     if not (folders["gates6-g2"] / "config.json").is_file():
         foldgpt.fold_model(foldgpt.load(str(folders["gates6"])), group_size=2, out=folders["gates6-g2"])
     if not (folders["gates6-c8"] / "config.json").is_file():

@@ -19,11 +19,13 @@ import copy
 import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from foldgpt.data import CalibrationConfig, load_windows
 from foldgpt.evaluation import perplexity
 from foldgpt.importance import select_blocks
+from foldgpt.importance.gates import GateConfig
 from foldgpt.models import load_model
 from foldgpt.removal import count_parameters, remove_blocks
 
@@ -71,8 +73,10 @@ def main() -> None:
     for method in args.methods.split(","):
         greedy_order: list[int] | None = None
         for n_remove in targets:
-            if any(r["method"] == method and r["removed_count"] == n_remove for r in rows):
+            if any(r["method"] == method and r["removed_count"] == n_remove and r.get("gate_config") == gate_config(method)
+                   for r in rows):
                 continue
+            rows[:] = [r for r in rows if not (r["method"] == method and r["removed_count"] == n_remove)]  # stale
             if method == "sleb":
                 if greedy_order is None:
                     search = select_blocks(method, dense.model, windows, targets[-1], args.seed)
@@ -85,11 +89,17 @@ def main() -> None:
             start = time.perf_counter()
             rows.append({"method": method, "removed_count": n_remove, "removed": removed,
                          "parameters": count_parameters(model), "perplexity": evaluate(model),
-                         "selection_seconds": seconds, "eval_seconds": time.perf_counter() - start})
+                         "selection_seconds": seconds, "eval_seconds": time.perf_counter() - start,
+                         "gate_config": gate_config(method)})
             print(json.dumps(rows[-1]), file=sys.stderr)
             save()
     print_table(rows, datasets)
     plot(rows, datasets, out.with_suffix(".png"))
+
+
+def gate_config(method: str) -> dict | None:
+    """The default gate hyper-parameters a ``gates`` row was measured with (a row with other ones is measured again)."""
+    return asdict(GateConfig()) if method == "gates" else None
 
 
 def previous_rows(out: Path, settings: dict) -> list[dict]:
