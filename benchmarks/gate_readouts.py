@@ -23,43 +23,39 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from gate_stability import smallest
 from transformers import PreTrainedModel
 
 from foldgpt.data import evaluation_windows, load_text, load_windows, tokenize
 from foldgpt.evaluation import windows_perplexity
+from foldgpt.importance.gates import distillation_loss
 from foldgpt.models import load_model
 from foldgpt.removal import blocks_removed_temporarily
 
 
-def smallest(values: list[float], count: int) -> tuple[int, ...]:
-    return tuple(sorted(sorted(range(len(values)), key=lambda i: (values[i], i))[:count]))
-
-
 class HardRemovalKL:
-    """Mean per-token KL(dense || model without ``removed``) on fixed windows; the dense log-probs are computed once."""
+    """Mean per-token KL(dense || model without ``removed``) on fixed windows (gate training's ``distillation_loss``);
+    the dense logits are computed once."""
 
     def __init__(self, model: PreTrainedModel, windows: torch.Tensor) -> None:
         self.model, self.windows, self.scores = model, windows, {}
-        with torch.no_grad():
-            self.teacher = [self._log_probs(ids) for ids in windows]
+        self.teacher = [self._logits(ids) for ids in windows]
 
-    def _log_probs(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.log_softmax(self.model(input_ids=ids[None], use_cache=False).logits.float(), dim=-1)
+    def _logits(self, ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model(input_ids=ids[None], use_cache=False).logits.float()
 
     def __call__(self, removed: tuple[int, ...]) -> float:
         if removed not in self.scores:
-            total = 0.0
-            with torch.no_grad(), blocks_removed_temporarily(self.model, list(removed)):
-                for ids, teacher in zip(self.windows, self.teacher):
-                    total += (teacher.exp() * (teacher - self._log_probs(ids))).sum(-1).mean().item()
-            self.scores[removed] = total / len(self.windows)
+            with blocks_removed_temporarily(self.model, list(removed)):
+                kls = [distillation_loss(self._logits(ids), teacher, 1.0).item() for ids, teacher in zip(self.windows, self.teacher)]
+            self.scores[removed] = sum(kls) / len(kls)
         return self.scores[removed]
 
 
 def swap_search(kl: HardRemovalKL, gates: list[float], n_remove: int, pool: int) -> tuple[int, ...]:
     order = sorted(range(len(gates)), key=lambda i: (gates[i], i))
-    current, candidates = smallest(gates, n_remove), order[: n_remove + pool]
+    current, candidates = tuple(smallest(gates, n_remove)), order[: n_remove + pool]
     while True:
         swaps = [tuple(sorted({*current} - {out} | {into})) for out in current for into in candidates if into not in current]
         best = min(swaps, key=kl)
@@ -69,7 +65,7 @@ def swap_search(kl: HardRemovalKL, gates: list[float], n_remove: int, pool: int)
 
 
 def visited_pick(kl: HardRemovalKL, history: list[list[float]], n_remove: int, frac: float) -> tuple[int, ...]:
-    visited = {smallest(gates, n_remove) for gates in history[int(len(history) * (1 - frac)):]}
+    visited = {tuple(smallest(gates, n_remove)) for gates in history[int(len(history) * (1 - frac)):]}
     return min(sorted(visited), key=kl)
 
 
@@ -95,7 +91,7 @@ def main() -> None:
     for seed in (int(s) for s in args.seeds.split(",")):
         history = next(row["gate_history"] for row in rows if row["seed"] == seed)
         kl = HardRemovalKL(model, load_windows(loaded.tokenizer, "wikitext2", 8, 256, seed))
-        start = smallest(history[-1], args.remove)
+        start = tuple(smallest(history[-1], args.remove))
         chosen = (swap_search(kl, history[-1], args.remove, args.pool) if args.rule == "swap"
                   else visited_pick(kl, history, args.remove, args.frac))
         for name, removed in (("final gates", start), (args.rule, chosen)):

@@ -7,7 +7,8 @@ Students (cached under ``--work``, which is ignored by git): (a) ``gates6``: 6 b
 ``bi6``: 6 blocks removed by Block Influence, (d) ``gates6-c8``: the gates on 8 calibration windows instead of 16
 ((a) keeps the 16 it was measured with, although the gates' default is now 64). Each is healed from the dense model
 on ``--data`` (Alpaca by default) for ``--tokens`` tokens with KL + tail + LM; the ``--ablation-cases`` are also
-healed with KL only and KL + tail. The teacher's outputs are cached once on disk (``--work/teacher-cache``) and shared by every run (the runs see the same windows).
+healed with KL only and KL + tail. The teacher's outputs are cached once on disk (``--work/teacher-cache``) and shared
+by every run (the runs see the same windows).
 Perplexity: WikiText-2 test, the first ``--max-tokens`` tokens in windows of ``--eval-seqlen`` (the README protocol).
 
 Throughput (``--throughput-steps``): a healing step with the teacher computed on the fly against a plain step of the same

@@ -509,7 +509,7 @@ def train_gates(
             if direction and last_direction and direction != last_direction:
                 growth *= config.lam_damping  # a reversal: the controller overshot, so it steps more gently
             last_direction = direction or last_direction
-            lam = next_lambda(lam, gates.values.detach(), n_remove, config, cost_tensor, growth)
+            lam *= (1 + growth) ** direction  # next_lambda's rule, with the damped growth
             progress.set_postfix(loss=f"{totals[-1]:.4f}")
     if parallel is not None and len({repr(ranked) for ranked in parallel.gather_object((history[-1], lambdas))}) > 1:
         raise FoldGPTError("data-parallel gate training: the ranks ended with different gates (a bug; please report it)")
