@@ -128,7 +128,7 @@ def _add_gate_options(parser: argparse.ArgumentParser) -> None:
     defaults = GateConfig()
     group = parser.add_argument_group("gate training (--method gates)")
     group.add_argument("--gate-steps", type=positive_int, default=defaults.steps, help=f"optimiser steps (default: {defaults.steps})")
-    group.add_argument("--gate-lr", type=float, default=defaults.lr, help=f"Adam learning rate of the gates (default: {defaults.lr})")
+    group.add_argument("--gate-lr", type=float, default=defaults.lr, help=f"learning rate of the gates (default: {defaults.lr})")
     group.add_argument("--gate-lambda", type=float, default=defaults.lam,
                        help=f"weight of the FLOPs-weighted polarization regulariser (default: {defaults.lam})")
     group.add_argument("--gate-lambda-growth", type=float, default=defaults.lam_growth,
@@ -141,6 +141,13 @@ def _add_gate_options(parser: argparse.ArgumentParser) -> None:
                        help="split point of the polarization regulariser: mean (Zhuang et al.: every gate below the mean "
                        "is pushed to 0) or target (only the gates the removal target would take now are pushed) "
                        f"(default: {defaults.polarization_center})")
+    group.add_argument("--gate-optimizer", choices=("adam", "sgd"), default=defaults.optimizer,
+                       help="adam, or sgd with momentum 0.9, whose steps scale with the gradient (give it a larger "
+                       f"--gate-lr, e.g. 0.15) (default: {defaults.optimizer})")
+    group.add_argument("--gate-hard-steps", type=int, default=defaults.hard_steps,
+                       help="the last N of the --gate-steps run the model with the blocks the target would remove now "
+                       "really removed (a 0/1 mask, straight-through gradient to the gates), lambda held "
+                       f"(default: {defaults.hard_steps}; 0 = off)")
     group.add_argument("--gate-t", type=float, default=defaults.t, help=f"the regulariser's pull towards 0, t (default: {defaults.t})")
     group.add_argument("--gate-loss", choices=("kl", "lm"), default=defaults.loss,
                        help="kl: KL(dense model || gated model) on logits; lm: next-token loss (default: kl)")

@@ -162,7 +162,7 @@ def test_prune_with_gates_records_the_gate_trajectory_and_draws_it(capsys, tiny_
     out = tmp_path / "gates"
     code, _, _ = run_cli(capsys, "prune", tiny_folder, "--method", "gates", "--remove", 2, "--gate-steps", 5,
                          "--gate-lambda-growth", "0.3", "--gate-lambda-damping", "0.5", "--gate-center", "target",
-                         "--calibration", text_file, "--nsamples", 2, "--seqlen", 32, "--out", out)
+                         "--gate-optimizer", "sgd", "--gate-hard-steps", 2, "--calibration", text_file, "--nsamples", 2, "--seqlen", 32, "--out", out)
     assert code == 0
     metadata = json.loads((out / "foldgpt.json").read_text())
     history = metadata["details"]["gate_history"]
@@ -171,6 +171,9 @@ def test_prune_with_gates_records_the_gate_trajectory_and_draws_it(capsys, tiny_
     assert metadata["details"]["hyperparameters"]["lam_growth"] == 0.3
     assert metadata["details"]["hyperparameters"]["lam_damping"] == 0.5
     assert metadata["details"]["hyperparameters"]["polarization_center"] == "target"
+    assert metadata["details"]["hyperparameters"]["optimizer"] == "sgd"
+    assert metadata["details"]["hyperparameters"]["hard_steps"] == 2
+    assert len(set(metadata["details"]["lambda_history"][-2:])) == 1
     gates = metadata["scores"]
     assert metadata["removed"] == sorted(sorted(range(DEPTH), key=lambda i: (gates[i], i))[:2])
     assert (out / "gates.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

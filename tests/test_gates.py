@@ -15,6 +15,7 @@ from foldgpt.importance.gates import (
     GateConfig,
     block_flops_weights,
     gated,
+    hard_removal_mask,
     next_lambda,
     polarization_regularizer,
     select_by_gates,
@@ -234,3 +235,54 @@ def test_budget_control_closes_the_target_number_of_gates_on_a_real_block_stack(
     closed_counts = [sum(g < config.closed_below for g in gates) for gates in result.gate_history]
     assert closed_counts[0] == 0 and 2 <= closed_counts[-1] <= 3, result.gates  # the controller may overshoot by one
     assert max(result.lambda_history) > 10 * config.lam
+
+
+def test_hard_removal_mask_takes_the_smallest_gates_until_the_target():
+    gates = torch.tensor([0.9, 0.1, 0.8, 0.3, 0.3])
+    assert hard_removal_mask(gates, 2).tolist() == [1.0, 0.0, 1.0, 0.0, 1.0]  # ties: the earlier gate
+    assert hard_removal_mask(gates, 0).tolist() == [1.0] * 5
+    # costs: the gate at 0.1 costs 3, so it alone meets a cost target of 2
+    assert hard_removal_mask(gates, 2, torch.tensor([1.0, 3.0, 1.0, 1.0, 1.0])).tolist() == [1.0, 0.0, 1.0, 1.0, 1.0]
+
+
+def test_a_hard_mask_runs_the_model_without_the_masked_blocks_and_passes_the_gradient_straight_through():
+    # forward: exactly the model with the masked blocks removed, whatever the soft values are; backward: the
+    # gradient the soft gates would get if they sat at the mask's 0s and 1s
+    model = tiny_model("llama")
+    ids = random_ids(batch=2, length=8)
+    mask = torch.ones(DEPTH)
+    mask[[1, 3]] = 0.0
+    with gated(model) as gates:
+        with torch.no_grad():
+            gates.values.copy_(torch.linspace(0.2, 0.9, DEPTH))
+        gates.hard_mask = mask
+        hard_logits = model(input_ids=ids, use_cache=False).logits
+        hard_logits.square().mean().backward()
+        straight_through = gates.values.grad.clone()
+        gates.hard_mask, gates.values.grad = None, None
+        with torch.no_grad():
+            gates.values.copy_(mask)
+        model(input_ids=ids, use_cache=False).logits.square().mean().backward()
+        assert torch.allclose(straight_through, gates.values.grad, atol=1e-6)
+    assert torch.allclose(hard_logits.detach(), logits_of(remove_blocks(copy.deepcopy(model), [1, 3]), ids), atol=1e-5)
+
+
+def test_hard_phase_holds_lambda_and_still_removes_identity_blocks():
+    model = identity_block_model([2, 4])
+    config = GateConfig(steps=40, hard_steps=10, lr=0.1, lam=0.2)
+    result = train_gates(model, random_ids(batch=8, length=16), config, seed=0, n_remove=2)
+    assert len(set(result.lambda_history[-config.hard_steps:])) == 1  # the mask holds the budget, not lambda
+    assert len(set(result.lambda_history[:-config.hard_steps])) > 1
+    assert sorted(sorted(range(DEPTH), key=lambda i: result.gates[i])[:2]) == [2, 4], result.gates
+    with pytest.raises(FoldGPTError, match="hard_steps"):
+        GateConfig(steps=10, hard_steps=11)
+
+
+def test_sgd_gates_close_on_identity_blocks():
+    model = identity_block_model([2, 4])
+    config = GateConfig(steps=40, optimizer="sgd", lr=1.0, lam=0.2)
+    result = train_gates(model, random_ids(batch=8, length=16), config, seed=0, n_remove=2)
+    assert sorted(sorted(range(DEPTH), key=lambda i: result.gates[i])[:2]) == [2, 4], result.gates
+    assert max(result.gates[2], result.gates[4]) < 0.2 < 0.5 < min(g for i, g in enumerate(result.gates) if i not in (2, 4))
+    with pytest.raises(FoldGPTError, match="unknown gate optimizer"):
+        GateConfig(optimizer="lion")

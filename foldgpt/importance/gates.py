@@ -48,6 +48,7 @@ from foldgpt.sublayers import BRANCHES, check_sublayer_removal_supported
 
 LOSSES = ("kl", "lm")
 CENTERS = ("mean", "target")
+OPTIMIZERS = ("adam", "sgd")
 GRANULARITIES = ("block", "sublayer")
 
 
@@ -74,6 +75,12 @@ class GateConfig:
     every reversal so that ``lam`` settles; ``polarization_center="target"`` splits the regulariser at the removal
     target instead of the mean (``target_center``). Neither is the default: on three calibration draws neither
     chose better blocks on validation text (README, "How much the choice depends on the calibration draw").
+
+    ``optimizer="sgd"`` (momentum 0.9) makes a gate's step scale with its gradient instead of Adam's per-gate
+    normalisation, which moves every gate at about ``lr`` whatever its gradient. ``hard_steps > 0`` runs the last
+    ``hard_steps`` of the ``steps`` with the blocks the target would remove now really removed (``hard_removal_mask``:
+    a 0/1 mask in the forward, the gradient passed straight through to the gates, ``lam`` held), so that the loss is
+    that of removal rather than of scaling. Neither is the default: both chose worse blocks on validation text (README).
     """
 
     steps: int = 80
@@ -90,6 +97,8 @@ class GateConfig:
     lam_damping: float = 1.0
     polarization_center: str = "mean"
     closed_below: float = 0.5
+    optimizer: str = "adam"
+    hard_steps: int = 0
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> GateConfig:
@@ -98,11 +107,16 @@ class GateConfig:
                    lam_growth=settings["gate_lambda_growth"], lam_damping=settings["gate_lambda_damping"],
                    polarization_center=settings["gate_center"], t=settings["gate_t"], loss=settings["gate_loss"],
                    micro_batch=settings["gate_micro_batch"], grad_accum=settings["gate_grad_accum"],
+                   optimizer=settings["gate_optimizer"], hard_steps=settings["gate_hard_steps"],
                    gradient_checkpointing=settings["gradient_checkpointing"])
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise FoldGPTError(f"unknown gate loss '{self.loss}'; choose one of {', '.join(LOSSES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise FoldGPTError(f"unknown gate optimizer '{self.optimizer}'; choose one of {', '.join(OPTIMIZERS)}")
+        if not 0 <= self.hard_steps <= self.steps:
+            raise FoldGPTError(f"gate training needs 0 <= hard_steps <= steps, got hard_steps={self.hard_steps}, steps={self.steps}")
         if self.polarization_center not in CENTERS:
             raise FoldGPTError(f"unknown polarization center '{self.polarization_center}'; choose one of {', '.join(CENTERS)}")
         for name in ("steps", "micro_batch", "grad_accum"):
@@ -139,6 +153,15 @@ class BlockGates:
     def __init__(self, num_blocks: int, device: torch.device) -> None:
         self.values = nn.Parameter(torch.ones(num_blocks, device=device))
         self.active = True
+        self.hard_mask: torch.Tensor | None = None  # set: the forward uses it, the gradient flows to ``values``
+
+    def value(self, index: int) -> torch.Tensor:
+        """Gate ``index`` as the forward uses it: its value, or under a hard mask the mask's 0 or 1 with the
+        straight-through gradient of the value (``mask + g - g.detach()``)."""
+        gate = self.values[index]
+        if self.hard_mask is None:
+            return gate
+        return self.hard_mask[index] + gate - gate.detach()
 
     @contextmanager
     def bypassed(self) -> Iterator[None]:
@@ -161,7 +184,7 @@ def _gate_hook(gates: BlockGates, index: int):
             return None
         hidden_in = args[0] if args else kwargs["hidden_states"]
         hidden_out = output if isinstance(output, torch.Tensor) else output[0]
-        gate = gates.values[index].to(hidden_out)  # same dtype as the stream: bf16 stays bf16
+        gate = gates.value(index).to(hidden_out)  # same dtype as the stream: bf16 stays bf16
         hidden_in = hidden_in.to(hidden_out.device)  # a device map moves a block's input inside its forward only
         gated_out = hidden_in + gate * (hidden_out - hidden_in)
         return gated_out if isinstance(output, torch.Tensor) else (gated_out, *output[1:])
@@ -176,9 +199,9 @@ def _update_gate_hook(gates: BlockGates, index: int):
         if not gates.active:
             return None
         if isinstance(output, torch.Tensor):
-            return gates.values[index].to(output) * output
+            return gates.value(index).to(output) * output
         assert isinstance(output, tuple)
-        return (gates.values[index].to(output[0]) * output[0], *output[1:])
+        return (gates.value(index).to(output[0]) * output[0], *output[1:])
 
     return hook
 
@@ -390,6 +413,21 @@ def _micro_batch_loss(model: PreTrainedModel, gates: BlockGates, ids: torch.Tens
     return distillation_loss(student_logits, teacher_logits, config.temperature)
 
 
+def hard_removal_mask(gates: torch.Tensor, n_remove: float, costs: torch.Tensor | None = None) -> torch.Tensor:
+    """1 for the gates that stay, 0 for the smallest gates, taken in ascending order (ties: the earlier gate) until
+    their costs (one per gate; unit costs without) reach ``n_remove``: the set the removal would take now."""
+    order = sorted(range(len(gates)), key=lambda i: (float(gates[i]), i))
+    unit = [1.0] * len(gates) if costs is None else costs.tolist()
+    mask = torch.ones_like(gates)
+    total = 0.0
+    for index in order:
+        if total >= n_remove - 1e-9:
+            break
+        mask[index] = 0.0
+        total += unit[index]
+    return mask
+
+
 def budget_direction(
     gates: torch.Tensor, n_remove: float | None, config: GateConfig, costs: torch.Tensor | None = None
 ) -> int:
@@ -473,10 +511,14 @@ def train_gates(
         stack.enter_context(eval_mode(model))
         stack.enter_context(activation_checkpointing(model, config.gradient_checkpointing))
         gates = stack.enter_context(gated(model, granularity))
-        optimizer = torch.optim.Adam([gates.values], lr=config.lr)
+        optimizer = (torch.optim.Adam([gates.values], lr=config.lr) if config.optimizer == "adam"
+                     else torch.optim.SGD([gates.values], lr=config.lr, momentum=0.9))
         progress = tqdm(range(1, config.steps + 1), desc="gates", leave=False, disable=rank != 0)
         for step in progress:
             optimizer.zero_grad(set_to_none=True)
+            hard = step > config.steps - config.hard_steps
+            gates.hard_mask = (hard_removal_mask(gates.values.detach(), n_remove, cost_tensor)
+                               if hard and n_remove is not None else None)
             distill = 0.0
             for micro in range(config.grad_accum * world):
                 batch = next(batches)  # every rank draws the whole step's micro-batches, in one process's order
@@ -505,7 +547,7 @@ def train_gates(
             regularizers.append(regularizer.item())
             totals.append(distill + lam * regularizer.item())
             lambdas.append(lam)
-            direction = budget_direction(gates.values.detach(), n_remove, config, cost_tensor)
+            direction = 0 if gates.hard_mask is not None else budget_direction(gates.values.detach(), n_remove, config, cost_tensor)
             if direction and last_direction and direction != last_direction:
                 growth *= config.lam_damping  # a reversal: the controller overshot, so it steps more gently
             last_direction = direction or last_direction
