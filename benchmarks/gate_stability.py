@@ -8,7 +8,9 @@ same run: ``final`` (the smallest final gates, what ``--method gates`` does) and
 gates averaged over the last quarter of the steps, which smooths the budget controller's step-to-step swings).
 Each removal set is scored on held-out *validation* text (WikiText-2 and PTB validation, first ``--max-tokens``
 tokens, windows of 1024), never a test split, so the rule can be chosen on it. Block Influence on the same windows is
-the reference. Prints a table and writes JSON with the gate trajectories.
+the reference. With ``{"restarts": K}`` in ``--overrides`` the one rule is ``final``: the restarts' ``ensemble_gates``.
+``--ensemble-of-draws`` also scores the set that ``ensemble_gates`` picks from the trajectories of all the draws in
+``--out`` trained with the same settings. Prints a table and writes JSON with the gate trajectories.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 from foldgpt.data import evaluation_windows, load_text, load_windows, tokenize
 from foldgpt.evaluation import windows_perplexity
 from foldgpt.importance import select_blocks
-from foldgpt.importance.gates import GateConfig, train_gates
+from foldgpt.importance.gates import GateConfig, ensemble_gates, train_gates
 from foldgpt.models import load_model
 from foldgpt.removal import remove_blocks
 
@@ -41,15 +43,28 @@ def removal_rules(history: list[list[float]], n_remove: int) -> dict[str, list[i
     return {"final": smallest(history[-1], n_remove), "mean-last-quarter": smallest(quarter, n_remove)}
 
 
+def ensemble_of_draws(rows: list[dict], overrides: dict, n_remove: int, nsamples: int) -> dict:
+    """The set that ``ensemble_gates`` picks from the trajectories of every calibration draw in ``rows`` trained with
+    these settings: what ``--gate-restarts`` would give if its runs saw different windows instead of orders."""
+    runs = [row for row in rows if row["rule"] == "trajectory" and row["overrides"] == overrides
+            and row.get("remove", n_remove) == n_remove and row.get("nsamples", nsamples) == nsamples]
+    if (restarts := overrides.get("restarts", 1)) > 1:
+        raise SystemExit(f"--ensemble-of-draws needs single-run trajectories, not restarts={restarts}")
+    return {"seed": ",".join(str(row["seed"]) for row in runs), "nsamples": nsamples, "rule": "ensemble-of-draws",
+            "overrides": overrides, "removed": smallest(ensemble_gates([row["gate_history"] for row in runs]), n_remove)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--seeds", default="0,1,2", help='calibration draws to train on ("" for none)')
     parser.add_argument("--remove", type=int, default=6)
     parser.add_argument("--nsamples", type=int, default=8, help="calibration windows of 256 tokens per draw")
     parser.add_argument("--max-tokens", type=int, default=8192, help="validation tokens per set")
     parser.add_argument("--overrides", default="{}", help='GateConfig overrides as JSON, e.g. \'{"grad_accum": 2}\'')
     parser.add_argument("--out", default="benchmarks/results/gate_stability.json")
+    parser.add_argument("--ensemble-of-draws", action="store_true",
+                        help="also score the set ensemble_gates picks from every draw's trajectory in --out (these settings)")
     args = parser.parse_args()
     loaded = load_model(args.model)
     held_out = {name: evaluation_windows(tokenize(loaded.tokenizer, load_text(name, "calibration")), 1024, args.max_tokens)
@@ -64,22 +79,31 @@ def main() -> None:
 
     out = Path(args.out)
     rows = json.loads(out.read_text()) if out.is_file() else []
-    for seed in (int(s) for s in args.seeds.split(",")):
+    for seed in (int(s) for s in args.seeds.split(",") if s):  # --seeds "": no training, e.g. to score the ensemble
         calibration = load_windows(loaded.tokenizer, "wikitext2", args.nsamples, 256, seed)
         start = time.perf_counter()
         overrides = json.loads(args.overrides)
         trained = train_gates(loaded.model, calibration, GateConfig(**overrides), seed=seed, n_remove=args.remove)
         seconds = time.perf_counter() - start
-        sets = {**removal_rules(trained.gate_history, args.remove),
-                "bi": select_blocks("bi", loaded.model, calibration, args.remove, seed).removed}
+        rules = (removal_rules(trained.gate_history, args.remove) if trained.restarts == 1
+                 else {"final": smallest(trained.gates, args.remove)})  # restarts: their ensemble_gates
+        sets = {**rules, "bi": select_blocks("bi", loaded.model, calibration, args.remove, seed).removed}
         for rule, removed in sets.items():
             ppl = validation_perplexity(removed)
             row = {"seed": seed, "nsamples": args.nsamples, "rule": rule, "overrides": overrides if rule != "bi" else {}, "removed": removed, "validation_perplexity": ppl,
                    "mean_log_ppl": sum(math.log(v) for v in ppl.values()) / len(ppl)}
             print(json.dumps(row), flush=True)
             rows.append({**row, "train_seconds": seconds if rule != "bi" else None})
-        rows.append({"seed": seed, "rule": "trajectory", "overrides": overrides, "gate_history": trained.gate_history})
+        rows.append({"seed": seed, "rule": "trajectory", "overrides": overrides, "remove": args.remove,
+                     "nsamples": args.nsamples, "gate_history": trained.gate_history})
         out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(rows, indent=1) + "\n")
+    if args.ensemble_of_draws:
+        ensemble = ensemble_of_draws(rows, json.loads(args.overrides), args.remove, args.nsamples)
+        ppl = validation_perplexity(ensemble["removed"])
+        row = {**ensemble, "validation_perplexity": ppl, "mean_log_ppl": sum(math.log(v) for v in ppl.values()) / len(ppl)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
         out.write_text(json.dumps(rows, indent=1) + "\n")
     print_table([r for r in rows if r["rule"] != "trajectory"])
 

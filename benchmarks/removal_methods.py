@@ -73,7 +73,7 @@ def main() -> None:
     for method in args.methods.split(","):
         greedy_order: list[int] | None = None
         for n_remove in targets:
-            if any(r["method"] == method and r["removed_count"] == n_remove and r.get("gate_config") == gate_config(method)
+            if any(r["method"] == method and r["removed_count"] == n_remove and same_gate_config(r.get("gate_config"), method)
                    for r in rows):
                 continue
             rows[:] = [r for r in rows if not (r["method"] == method and r["removed_count"] == n_remove)]  # stale
@@ -100,6 +100,15 @@ def main() -> None:
 def gate_config(method: str) -> dict | None:
     """The default gate hyper-parameters a ``gates`` row was measured with (a row with other ones is measured again)."""
     return asdict(GateConfig()) if method == "gates" else None
+
+
+def same_gate_config(measured: dict | None, method: str) -> bool:
+    """Whether a row was measured with today's gate defaults; a setting the row predates counts as its default."""
+    current = gate_config(method)
+    if measured is None or current is None:
+        return measured == current
+    defaults = asdict(GateConfig())
+    return all(measured.get(key, defaults[key]) == value for key, value in current.items())
 
 
 def previous_rows(out: Path, settings: dict) -> list[dict]:

@@ -148,6 +148,10 @@ def _add_gate_options(parser: argparse.ArgumentParser) -> None:
                        help="the last N of the --gate-steps run the model with the blocks the target would remove now "
                        "really removed (a 0/1 mask, straight-through gradient to the gates), lambda held "
                        f"(default: {defaults.hard_steps}; 0 = off)")
+    group.add_argument("--gate-restarts", type=positive_int, default=defaults.restarts,
+                       help="train the gates this many times (seeds SEED, SEED+1, ...: other window orders) and remove "
+                       "by their average over the last quarter of every run; costs that many times the training "
+                       f"(default: {defaults.restarts})")
     group.add_argument("--gate-t", type=float, default=defaults.t, help=f"the regulariser's pull towards 0, t (default: {defaults.t})")
     group.add_argument("--gate-loss", choices=("kl", "lm"), default=defaults.loss,
                        help="kl: KL(dense model || gated model) on logits; lm: next-token loss (default: kl)")

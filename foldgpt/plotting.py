@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -36,9 +37,19 @@ def plot_block_influence(block_influence: Sequence[float], path: Path, title: st
     plt.close(figure)
 
 
-def plot_sublayer_gate_history(history: Sequence[Sequence[float]], path: Path, title: str = "") -> None:
+def _mark_runs(axis: Any, steps: int, run_steps: int | None) -> None:
+    """Dotted vertical lines where one gate training run ends and the next starts from open gates."""
+    if run_steps:
+        for boundary in range(run_steps, steps, run_steps):
+            axis.axvline(boundary + 0.5, color="grey", linestyle=":", linewidth=1.0)
+
+
+def plot_sublayer_gate_history(
+    history: Sequence[Sequence[float]], path: Path, title: str = "", run_steps: int | None = None
+) -> None:
     """Sub-layer gates after every step (gate ``2 l``: block l's attention, ``2 l + 1``: its MLP): attention gates as
-    solid blue lines, MLP gates as dashed orange lines, darker for later blocks."""
+    solid blue lines, MLP gates as dashed orange lines, darker for later blocks. ``run_steps``: the steps of one run,
+    when the history holds several (``--gate-restarts``), marked by dotted lines."""
     figure, axis = plt.subplots(figsize=(7.0, 4.5))
     steps = range(1, len(history) + 1)
     num_blocks = len(history[0]) // 2 if history else 0
@@ -48,6 +59,7 @@ def plot_sublayer_gate_history(history: Sequence[Sequence[float]], path: Path, t
         for offset, (name, colors, line) in enumerate(styles):
             axis.plot(steps, [gates[2 * block + offset] for gates in history], color=colors(shade), linestyle=line,
                       linewidth=1.0, label=name if block == num_blocks - 1 else None)
+    _mark_runs(axis, len(history), run_steps)
     axis.set_xlabel("step")
     axis.set_ylabel("gate value")
     axis.set_title(f"Sub-layer gates during training {title}".strip())
@@ -58,8 +70,11 @@ def plot_sublayer_gate_history(history: Sequence[Sequence[float]], path: Path, t
     plt.close(figure)
 
 
-def plot_gate_history(history: Sequence[Sequence[float]], path: Path, title: str = "") -> None:
-    """Each block's gate value after every training step: closing gates mark the blocks to remove."""
+def plot_gate_history(
+    history: Sequence[Sequence[float]], path: Path, title: str = "", run_steps: int | None = None
+) -> None:
+    """Each block's gate value after every training step: closing gates mark the blocks to remove. ``run_steps``: the
+    steps of one run, when the history holds several (``--gate-restarts``), marked by dotted lines."""
     figure, axis = plt.subplots(figsize=(7.0, 4.5))
     steps = range(1, len(history) + 1)
     num_blocks = len(history[0]) if history else 0
@@ -67,6 +82,7 @@ def plot_gate_history(history: Sequence[Sequence[float]], path: Path, title: str
     for block in range(num_blocks):
         axis.plot(steps, [gates[block] for gates in history], color=colors(block / max(1, num_blocks - 1)),
                   linewidth=1.0, label=str(block))
+    _mark_runs(axis, len(history), run_steps)
     axis.set_xlabel("step")
     axis.set_ylabel("gate value")
     axis.set_title(f"Block gates during training {title}".strip())

@@ -138,10 +138,10 @@ def prune(
     if out is not None and is_main_process():  # under torchrun / accelerate launch (gates) only rank 0 writes
         with atomic_output_dir(Path(out), overwrite) as folder:
             save_plain_model(model, loaded.tokenizer, folder, metadata)
-            if granularity == "sublayer":
-                plot_sublayer_gate_history(selection.details["gate_history"], folder / "gates.png", title=Path(loaded.source).name)
-            elif "gate_history" in selection.details:
-                plot_gate_history(selection.details["gate_history"], folder / "gates.png", title=Path(loaded.source).name)
+            if "gate_history" in selection.details:
+                plot = plot_sublayer_gate_history if granularity == "sublayer" else plot_gate_history
+                plot(selection.details["gate_history"], folder / "gates.png", title=Path(loaded.source).name,
+                     run_steps=selection.details["hyperparameters"]["steps"])
     drop_removed_sublayers(model)  # in memory as foldgpt.load gives the folder back: removed branches hold no weights
     return PruneResult(selection=selection, loaded=loaded, metadata=metadata)
 

@@ -162,12 +162,13 @@ def test_prune_with_gates_records_the_gate_trajectory_and_draws_it(capsys, tiny_
     out = tmp_path / "gates"
     code, _, _ = run_cli(capsys, "prune", tiny_folder, "--method", "gates", "--remove", 2, "--gate-steps", 5,
                          "--gate-lambda-growth", "0.3", "--gate-lambda-damping", "0.5", "--gate-center", "target",
-                         "--gate-optimizer", "sgd", "--gate-hard-steps", 2, "--calibration", text_file, "--nsamples", 2, "--seqlen", 32, "--out", out)
+                         "--gate-optimizer", "sgd", "--gate-hard-steps", 2, "--gate-restarts", 2, "--calibration", text_file, "--nsamples", 2, "--seqlen", 32, "--out", out)
     assert code == 0
     metadata = json.loads((out / "foldgpt.json").read_text())
     history = metadata["details"]["gate_history"]
-    assert len(history) == 5 and all(len(step) == DEPTH for step in history)
+    assert len(history) == 2 * 5 and all(len(step) == DEPTH for step in history)  # two runs of 5 steps
     assert metadata["details"]["hyperparameters"]["steps"] == 5
+    assert metadata["details"]["hyperparameters"]["restarts"] == 2 == metadata["details"]["restarts"]
     assert metadata["details"]["hyperparameters"]["lam_growth"] == 0.3
     assert metadata["details"]["hyperparameters"]["lam_damping"] == 0.5
     assert metadata["details"]["hyperparameters"]["polarization_center"] == "target"

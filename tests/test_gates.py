@@ -14,6 +14,7 @@ from foldgpt.importance import METHODS
 from foldgpt.importance.gates import (
     GateConfig,
     block_flops_weights,
+    ensemble_gates,
     gated,
     hard_removal_mask,
     next_lambda,
@@ -286,3 +287,28 @@ def test_sgd_gates_close_on_identity_blocks():
     assert max(result.gates[2], result.gates[4]) < 0.2 < 0.5 < min(g for i, g in enumerate(result.gates) if i not in (2, 4))
     with pytest.raises(FoldGPTError, match="unknown gate optimizer"):
         GateConfig(optimizer="lion")
+
+
+def test_ensemble_gates_average_each_runs_last_quarter_then_the_runs():
+    run_a = [[1.0, 1.0], [0.9, 0.8], [0.1, 0.9], [0.3, 0.5], [0.2, 0.7], [0.0, 0.5], [0.4, 0.9], [0.6, 0.1]]
+    run_b = [[1.0, 1.0], [0.5, 0.5], [0.2, 0.4], [0.8, 0.0]]
+    # last quarter: run_a's last 2 steps -> [0.5, 0.5]; run_b's last step -> [0.8, 0.0]; mean -> [0.65, 0.25]
+    assert ensemble_gates([run_a, run_b]) == pytest.approx([0.65, 0.25])
+    assert ensemble_gates([[[0.3, 0.7]]]) == pytest.approx([0.3, 0.7])  # a one-step run is its own last quarter
+
+
+def test_restarts_are_runs_with_the_next_seeds_and_remove_by_their_ensemble():
+    model = identity_block_model([2, 4])
+    ids = random_ids(batch=8, length=16)
+    config = GateConfig(steps=20, lr=0.1, lam=0.2, restarts=2)
+    result = train_gates(model, ids, config, seed=3, n_remove=2)
+    single = GateConfig(steps=20, lr=0.1, lam=0.2)
+    runs = [train_gates(model, ids, single, seed=seed, n_remove=2) for seed in (3, 4)]
+    assert result.restarts == 2 and len(result.gate_history) == len(result.lambda_history) == 2 * config.steps
+    assert result.gate_history == runs[0].gate_history + runs[1].gate_history
+    assert runs[0].gate_history != runs[1].gate_history
+    assert result.gates == pytest.approx(ensemble_gates([run.gate_history for run in runs]))
+    selection = select_by_gates_with(config)(model, ids, 2, 3)
+    assert selection.removed == [2, 4] and selection.details["restarts"] == 2
+    with pytest.raises(FoldGPTError, match="restarts >= 1"):
+        GateConfig(restarts=0)

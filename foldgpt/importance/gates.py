@@ -28,7 +28,7 @@ ranks with one all-reduce, so ``W`` processes train the gates of one process wit
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -81,6 +81,11 @@ class GateConfig:
     ``hard_steps`` of the ``steps`` with the blocks the target would remove now really removed (``hard_removal_mask``:
     a 0/1 mask in the forward, the gradient passed straight through to the gates, ``lam`` held), so that the loss is
     that of removal rather than of scaling. Neither is the default: both chose worse blocks on validation text (README).
+
+    ``restarts > 1`` trains the gates that many times from scratch on the same windows (run ``k`` with seed
+    ``seed + k``, so another window order) and removes by ``ensemble_gates``: each run's gates averaged over its last
+    quarter, then over the runs. Why: the budget controller leaves a run on one of several near-tied sets, depending
+    on where its swings stop; the average keeps what the runs agree on. It costs ``restarts`` times the training.
     """
 
     steps: int = 80
@@ -99,6 +104,7 @@ class GateConfig:
     closed_below: float = 0.5
     optimizer: str = "adam"
     hard_steps: int = 0
+    restarts: int = 1
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> GateConfig:
@@ -108,6 +114,7 @@ class GateConfig:
                    polarization_center=settings["gate_center"], t=settings["gate_t"], loss=settings["gate_loss"],
                    micro_batch=settings["gate_micro_batch"], grad_accum=settings["gate_grad_accum"],
                    optimizer=settings["gate_optimizer"], hard_steps=settings["gate_hard_steps"],
+                   restarts=settings["gate_restarts"],
                    gradient_checkpointing=settings["gradient_checkpointing"])
 
     def __post_init__(self) -> None:
@@ -119,7 +126,7 @@ class GateConfig:
             raise FoldGPTError(f"gate training needs 0 <= hard_steps <= steps, got hard_steps={self.hard_steps}, steps={self.steps}")
         if self.polarization_center not in CENTERS:
             raise FoldGPTError(f"unknown polarization center '{self.polarization_center}'; choose one of {', '.join(CENTERS)}")
-        for name in ("steps", "micro_batch", "grad_accum"):
+        for name in ("steps", "micro_batch", "grad_accum", "restarts"):
             if getattr(self, name) < 1:
                 raise FoldGPTError(f"gate training needs {name} >= 1, got {getattr(self, name)}")
         if self.lam_growth < 0:
@@ -145,6 +152,7 @@ class GateTrainingResult:
     config: GateConfig
     granularity: str = "block"
     world_size: int = 1  # data-parallel processes: a step saw micro_batch * grad_accum * world_size windows
+    restarts: int = 1  # runs trained one after another: the histories hold config.steps entries per run
 
 
 class BlockGates:
@@ -472,12 +480,55 @@ def train_gates(
     unchanged after.
 
     ``n_remove`` is the removal target that budget control (``config.lam_growth > 0``) steers towards: a number of
-    gates, or with ``costs`` (one per gate) the cost of the gates to close.
+    gates, or with ``costs`` (one per gate) the cost of the gates to close. With ``config.restarts > 1`` the runs
+    follow one another (seeds ``seed``, ``seed + 1``, ...), their histories are concatenated, and ``gates`` is
+    ``ensemble_gates`` of the runs.
 
     Under a launcher with several processes (``WORLD_SIZE > 1``) each rank trains on its share of every step's
     micro-batches on its own device (the model is moved there and back) and the gate gradients are averaged over
     the ranks; every rank returns the same result. Without one, accelerate is not imported.
     """
+    runs = [_train_gate_run(model, windows, config, seed + run, n_remove, granularity, costs,
+                            label="gates" if config.restarts == 1 else f"gates {run + 1}/{config.restarts}")
+            for run in range(config.restarts)]
+    return runs[0] if len(runs) == 1 else _combine_runs(runs)
+
+
+def ensemble_gates(histories: Sequence[Sequence[Sequence[float]]]) -> list[float]:
+    """The gates that ``restarts`` remove by: every run's gates averaged over its last quarter of steps (which
+    smooths the budget controller's swings), then averaged over the runs (which keeps the blocks they agree on)."""
+    per_run = [torch.tensor(history[-max(1, len(history) // 4):], dtype=torch.float64).mean(dim=0) for history in histories]
+    return torch.stack(per_run).mean(dim=0).tolist()
+
+
+def _combine_runs(runs: list[GateTrainingResult]) -> GateTrainingResult:
+    """One result from several runs: histories one after another, gates by ``ensemble_gates``."""
+    return GateTrainingResult(
+        gates=ensemble_gates([run.gate_history for run in runs]),
+        gate_history=[gates for run in runs for gates in run.gate_history],
+        loss_history=[value for run in runs for value in run.loss_history],
+        distill_history=[value for run in runs for value in run.distill_history],
+        regularizer_history=[value for run in runs for value in run.regularizer_history],
+        lambda_history=[value for run in runs for value in run.lambda_history],
+        flops_weights=runs[0].flops_weights,
+        config=runs[0].config,
+        granularity=runs[0].granularity,
+        world_size=runs[0].world_size,
+        restarts=len(runs),
+    )
+
+
+def _train_gate_run(
+    model: PreTrainedModel,
+    windows: torch.Tensor,
+    config: GateConfig,
+    seed: int,
+    n_remove: float | None,
+    granularity: str,
+    costs: list[float] | None,
+    label: str,
+) -> GateTrainingResult:
+    """One gate training run of ``config.steps`` steps (``train_gates`` without restarts)."""
     _check_granularity(granularity)
     if windows.dim() != 2 or len(windows) == 0:
         raise FoldGPTError(f"gate training needs calibration windows of shape [n, seqlen], got {tuple(windows.shape)}")
@@ -513,7 +564,7 @@ def train_gates(
         gates = stack.enter_context(gated(model, granularity))
         optimizer = (torch.optim.Adam([gates.values], lr=config.lr) if config.optimizer == "adam"
                      else torch.optim.SGD([gates.values], lr=config.lr, momentum=0.9))
-        progress = tqdm(range(1, config.steps + 1), desc="gates", leave=False, disable=rank != 0)
+        progress = tqdm(range(1, config.steps + 1), desc=label, leave=False, disable=rank != 0)
         for step in progress:
             optimizer.zero_grad(set_to_none=True)
             hard = step > config.steps - config.hard_steps
@@ -570,7 +621,8 @@ def train_gates(
 
 
 def selection_from_gates(result: GateTrainingResult, n_remove: int) -> Selection:
-    """Remove the ``n_remove`` blocks with the smallest final gates (ties: the earlier block)."""
+    """Remove the ``n_remove`` blocks with the smallest gates, ``result.gates`` (the final gates, or with restarts
+    ``ensemble_gates``; ties: the earlier block)."""
     ranking = sorted(range(len(result.gates)), key=lambda i: (result.gates[i], i))
     return Selection(
         method="gates",
@@ -583,7 +635,7 @@ def selection_from_gates(result: GateTrainingResult, n_remove: int) -> Selection
 def _details(result: GateTrainingResult) -> dict:
     return {
         "granularity": result.granularity,
-        "final_gates": result.gates,
+        "final_gates": result.gates,  # the gates removed by: with restarts, ensemble_gates of the runs
         "gate_history": result.gate_history,
         "loss_history": result.loss_history,
         "distill_loss_history": result.distill_history,
@@ -592,6 +644,7 @@ def _details(result: GateTrainingResult) -> dict:
         "flops_weights": result.flops_weights,
         "hyperparameters": asdict(result.config),
         "world_size": result.world_size,
+        "restarts": result.restarts,
     }
 
 
