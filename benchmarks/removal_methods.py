@@ -102,13 +102,16 @@ def gate_config(method: str) -> dict | None:
     return asdict(GateConfig()) if method == "gates" else None
 
 
+# gate settings added after rows were measured, at the values that behave as before they existed
+PREDATED_GATE_SETTINGS = {"optimizer": "adam", "hard_steps": 0, "restarts": 1}
+
+
 def same_gate_config(measured: dict | None, method: str) -> bool:
-    """Whether a row was measured with today's gate defaults; a setting the row predates counts as its default."""
+    """Whether a row was measured with today's gate defaults (a setting the row predates had its neutral value)."""
     current = gate_config(method)
     if measured is None or current is None:
         return measured == current
-    defaults = asdict(GateConfig())
-    return all(measured.get(key, defaults[key]) == value for key, value in current.items())
+    return all(measured.get(key, PREDATED_GATE_SETTINGS.get(key)) == value for key, value in current.items())
 
 
 def previous_rows(out: Path, settings: dict) -> list[dict]:

@@ -78,7 +78,7 @@ def test_every_method_runs_on_every_family_and_block_influence_finds_its_identit
     assert min(influence[i] for i in (0, 1, 3, 5)) > 1e-3
     for method in sorted(METHODS):
         if method == "gates":  # a few steps: this checks the gate hooks and FLOPs weights work, not where gates go
-            selection = select_blocks_with(select_by_gates_with(GateConfig(steps=2)), method, model, ids, 2, 0)
+            selection = select_blocks_with(select_by_gates_with(GateConfig(restarts=1, steps=2)), method, model, ids, 2, 0)
         else:
             selection = select_blocks(method, model, ids, 2)
         assert len(selection.removed) == 2 and all(0 <= i < DEPTH for i in selection.removed), method

@@ -28,7 +28,7 @@ from foldgpt.plotting import plot_gate_history
 from foldgpt.removal import remove_blocks
 from tiny import DEPTH, identity_block_model, random_ids, tiny_model
 
-FAST = GateConfig(steps=30, lr=0.1, lam=0.2)  # on the tiny model the identity gates are 0 by step 10
+FAST = GateConfig(restarts=1, steps=30, lr=0.1, lam=0.2)  # on the tiny model the identity gates are 0 by step 10
 
 
 def logits_of(model, ids):
@@ -89,7 +89,7 @@ def test_training_is_seeded_and_leaves_the_model_as_it_was():
     flags = [p.requires_grad for p in model.parameters()]
     ids = random_ids(batch=8, length=16)
     before = logits_of(model, ids)
-    config = GateConfig(steps=6, lr=0.1)
+    config = GateConfig(restarts=1, steps=6, lr=0.1)
     first = select_by_gates_with(config)(model, ids, 2, 0)
     again = select_by_gates_with(config)(model, ids, 2, 0)
     other_seed = select_by_gates_with(config)(model, ids, 2, 1)
@@ -123,7 +123,7 @@ def test_nan_loss_raises_naming_the_step_and_restores_the_model():
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(FoldGPTError, match=r"step 1/5: the kl loss is nan"):
-        train_gates(model, random_ids(batch=2, length=8), GateConfig(steps=5), seed=0)
+        train_gates(model, random_ids(batch=2, length=8), GateConfig(restarts=1, steps=5), seed=0)
     assert [p.requires_grad for p in model.parameters()] == flags
     assert all(not layer._forward_hooks for layer in model.model.layers)
 
@@ -132,9 +132,9 @@ def test_losses_at_the_first_step():
     # at g = 1 the gated model is the teacher (KL 0); the LM loss is the model's own next-token cross-entropy
     model = tiny_model("llama")
     ids = random_ids(batch=4, length=12)
-    kl = train_gates(model, ids, GateConfig(steps=1, micro_batch=4), seed=0)
+    kl = train_gates(model, ids, GateConfig(restarts=1, steps=1, micro_batch=4), seed=0)
     assert kl.distill_history[0] == pytest.approx(0.0, abs=1e-6)
-    lm = train_gates(model, ids, GateConfig(steps=1, micro_batch=4, loss="lm"), seed=0)
+    lm = train_gates(model, ids, GateConfig(restarts=1, steps=1, micro_batch=4, loss="lm"), seed=0)
     with torch.no_grad():
         expected = model(input_ids=ids, labels=ids, use_cache=False).loss.item()
     assert lm.distill_history[0] == pytest.approx(expected, rel=1e-5)
@@ -147,11 +147,11 @@ def test_gradient_accumulation_and_checkpointing_do_not_change_training():
     mlp = model.model.layers[3].mlp
     forward = mlp.forward
     mlp.forward = lambda x: calls.append(1) or forward(x)  # a forward hook would not see the recomputation
-    reference = train_gates(model, ids, GateConfig(steps=3, micro_batch=2), seed=0)
+    reference = train_gates(model, ids, GateConfig(restarts=1, steps=3, micro_batch=2), seed=0)
     assert len(calls) == 3 * 2  # teacher + student per step
-    accumulated = train_gates(model, ids, GateConfig(steps=3, grad_accum=2), seed=0)
+    accumulated = train_gates(model, ids, GateConfig(restarts=1, steps=3, grad_accum=2), seed=0)
     calls.clear()
-    checkpointed = train_gates(model, ids, GateConfig(steps=3, micro_batch=2, gradient_checkpointing=True), seed=0)
+    checkpointed = train_gates(model, ids, GateConfig(restarts=1, steps=3, micro_batch=2, gradient_checkpointing=True), seed=0)
     assert len(calls) == 3 * 3  # checkpointing recomputes the student's blocks in the backward pass
     for result in (accumulated, checkpointed):
         for got, want in zip(result.gate_history, reference.gate_history):
@@ -165,7 +165,7 @@ def test_gate_config_rejects_bad_values():
     with pytest.raises(FoldGPTError, match="unknown gate loss"):
         GateConfig(loss="mse")
     with pytest.raises(FoldGPTError, match="steps >= 1"):
-        GateConfig(steps=0)
+        GateConfig(restarts=1, steps=0)
 
 
 def test_target_center_splits_off_the_gates_the_removal_target_needs():
@@ -187,7 +187,7 @@ def test_target_centered_regulariser_pushes_only_the_gates_below_the_split():
 
 def test_target_centered_gates_close_on_identity_blocks():
     model = identity_block_model([2, 4])
-    config = GateConfig(steps=30, lr=0.1, lam=0.2, polarization_center="target")
+    config = GateConfig(restarts=1, steps=30, lr=0.1, lam=0.2, polarization_center="target")
     selection = select_by_gates_with(config)(model, random_ids(batch=8, length=16), 2, 0)
     gates = selection.details["final_gates"]
     assert selection.removed == [2, 4], gates
@@ -214,7 +214,7 @@ def test_budget_control_damping_shrinks_the_step_after_each_reversal():
     # the controller multiplies lambda by (1 + growth) towards the target; each time it has to turn back (it
     # overshot) the growth is multiplied by lam_damping, so lambda settles instead of swinging for ever
     model = tiny_model("llama")
-    config = GateConfig(steps=60, lr=0.1, lam=0.05, lam_growth=0.4, lam_damping=0.5)
+    config = GateConfig(restarts=1, steps=60, lr=0.1, lam=0.05, lam_growth=0.4, lam_damping=0.5)
     result = train_gates(model, random_ids(batch=4, length=16), config, seed=0, n_remove=2)
     lams = result.lambda_history
     steps = [math.log(b / a) for a, b in zip(lams, lams[1:]) if not math.isclose(a, b)]
@@ -231,7 +231,7 @@ def test_budget_control_damping_shrinks_the_step_after_each_reversal():
 
 def test_budget_control_closes_the_target_number_of_gates_on_a_real_block_stack():
     model = tiny_model("llama")
-    config = GateConfig(steps=60, lr=0.1, lam=0.05, lam_growth=0.2)
+    config = GateConfig(restarts=1, steps=60, lr=0.1, lam=0.05, lam_growth=0.2)
     result = train_gates(model, random_ids(batch=4, length=16), config, seed=0, n_remove=2)
     closed_counts = [sum(g < config.closed_below for g in gates) for gates in result.gate_history]
     assert closed_counts[0] == 0 and 2 <= closed_counts[-1] <= 3, result.gates  # the controller may overshoot by one
@@ -270,18 +270,18 @@ def test_a_hard_mask_runs_the_model_without_the_masked_blocks_and_passes_the_gra
 
 def test_hard_phase_holds_lambda_and_still_removes_identity_blocks():
     model = identity_block_model([2, 4])
-    config = GateConfig(steps=40, hard_steps=10, lr=0.1, lam=0.2)
+    config = GateConfig(restarts=1, steps=40, hard_steps=10, lr=0.1, lam=0.2)
     result = train_gates(model, random_ids(batch=8, length=16), config, seed=0, n_remove=2)
     assert len(set(result.lambda_history[-config.hard_steps:])) == 1  # the mask holds the budget, not lambda
     assert len(set(result.lambda_history[:-config.hard_steps])) > 1
     assert sorted(sorted(range(DEPTH), key=lambda i: result.gates[i])[:2]) == [2, 4], result.gates
     with pytest.raises(FoldGPTError, match="hard_steps"):
-        GateConfig(steps=10, hard_steps=11)
+        GateConfig(restarts=1, steps=10, hard_steps=11)
 
 
 def test_sgd_gates_close_on_identity_blocks():
     model = identity_block_model([2, 4])
-    config = GateConfig(steps=40, optimizer="sgd", lr=1.0, lam=0.2)
+    config = GateConfig(restarts=1, steps=40, optimizer="sgd", lr=1.0, lam=0.2)
     result = train_gates(model, random_ids(batch=8, length=16), config, seed=0, n_remove=2)
     assert sorted(sorted(range(DEPTH), key=lambda i: result.gates[i])[:2]) == [2, 4], result.gates
     assert max(result.gates[2], result.gates[4]) < 0.2 < 0.5 < min(g for i, g in enumerate(result.gates) if i not in (2, 4))
@@ -302,7 +302,7 @@ def test_restarts_are_runs_with_the_next_seeds_and_remove_by_their_ensemble():
     ids = random_ids(batch=8, length=16)
     config = GateConfig(steps=20, lr=0.1, lam=0.2, restarts=2)
     result = train_gates(model, ids, config, seed=3, n_remove=2)
-    single = GateConfig(steps=20, lr=0.1, lam=0.2)
+    single = GateConfig(restarts=1, steps=20, lr=0.1, lam=0.2)
     runs = [train_gates(model, ids, single, seed=seed, n_remove=2) for seed in (3, 4)]
     assert result.restarts == 2 and len(result.gate_history) == len(result.lambda_history) == 2 * config.steps
     assert result.gate_history == runs[0].gate_history + runs[1].gate_history

@@ -31,7 +31,7 @@ from tiny import DEPTH, FAMILIES, random_ids, save_tiny, tiny_model, tiny_tokeni
 # t = 1.5: with t = 1 a gate above the mean feels only the regulariser's coupling term, and with the unequal FLOPs
 # weights of attentions and MLPs a gate that gets no signal from the KL (an identity branch) can land above the mean in
 # the first steps and then drift open; t > 1 gives every gate a net pull towards 0
-FAST = GateConfig(steps=30, lr=0.1, lam=0.2, t=1.5)
+FAST = GateConfig(restarts=1, steps=30, lr=0.1, lam=0.2, t=1.5)
 BRANCH_INDEX = {"attention": 0, "mlp": 1}
 
 
@@ -136,7 +136,7 @@ def test_training_is_seeded_and_leaves_the_model_as_it_was():
     model = zeroed_model("llama", [(2, "mlp")])
     ids = random_ids(batch=8, length=16)
     before = logits_of(model, ids)
-    config = GateConfig(steps=6, lr=0.1)
+    config = GateConfig(restarts=1, steps=6, lr=0.1)
     first = train_gates(model, ids, config, 0, 1.0, granularity="sublayer")
     again = train_gates(model, ids, config, 0, 1.0, granularity="sublayer")
     other = train_gates(model, ids, config, 1, 1.0, granularity="sublayer")
@@ -195,7 +195,7 @@ def test_budget_control_counts_costs():
 def test_target_params_prune_meets_the_budget_and_records_it(text_file):
     loaded = LoadedModel(tiny_model("qwen3"), tiny_tokenizer(), "tiny")
     result = foldgpt.prune(loaded, "gates", target_params=0.9, calibration=calibration(text_file, 2, 16),
-                           gate_config=GateConfig(steps=4), granularity="sublayer")
+                           gate_config=GateConfig(restarts=1, steps=4), granularity="sublayer")
     meta = result.metadata
     assert meta["parameters_after"] <= 0.9 * meta["parameters_before"]
     assert meta["parameters_after"] == count_parameters(loaded.model)
