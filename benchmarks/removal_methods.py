@@ -25,7 +25,8 @@ from pathlib import Path
 from foldgpt.data import CalibrationConfig, load_windows
 from foldgpt.evaluation import perplexity
 from foldgpt.importance import select_blocks
-from foldgpt.importance.gates import GateConfig
+from foldgpt.importance.base import select_blocks_with
+from foldgpt.importance.gates import GateConfig, select_by_gates_with
 from foldgpt.models import load_model
 from foldgpt.removal import count_parameters, remove_blocks
 
@@ -41,6 +42,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--nsamples", type=int, default=8)
     parser.add_argument("--calib-seqlen", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gate-overrides", default="{}",
+                        help='GateConfig fields that differ from the defaults, as JSON, e.g. \'{"restarts": 1}\'')
     parser.add_argument("--out", default="benchmarks/results/removal_methods.json")
     return parser.parse_args()
 
@@ -70,10 +73,11 @@ def main() -> None:
                         "perplexity": evaluate(dense.model), "selection_seconds": 0.0})
         save()
     targets = sorted(int(n) for n in args.remove.split(","))
+    overrides = json.loads(args.gate_overrides)
     for method in args.methods.split(","):
         greedy_order: list[int] | None = None
         for n_remove in targets:
-            if any(r["method"] == method and r["removed_count"] == n_remove and same_gate_config(r.get("gate_config"), method)
+            if any(r["method"] == method and r["removed_count"] == n_remove and same_gate_config(r.get("gate_config"), method, overrides)
                    for r in rows):
                 continue
             rows[:] = [r for r in rows if not (r["method"] == method and r["removed_count"] == n_remove)]  # stale
@@ -82,6 +86,9 @@ def main() -> None:
                     search = select_blocks(method, dense.model, windows, targets[-1], args.seed)
                     greedy_order, search_seconds = search.details["order"], search.seconds
                 removed, seconds = sorted(greedy_order[:n_remove]), search_seconds
+            elif method == "gates":
+                selection = select_blocks_with(select_by_gates_with(GateConfig(**overrides)), method, dense.model,
+                                               windows, n_remove, args.seed)
             else:
                 selection = select_blocks(method, dense.model, windows, n_remove, args.seed)
                 removed, seconds = selection.removed, selection.seconds
@@ -90,25 +97,25 @@ def main() -> None:
             rows.append({"method": method, "removed_count": n_remove, "removed": removed,
                          "parameters": count_parameters(model), "perplexity": evaluate(model),
                          "selection_seconds": seconds, "eval_seconds": time.perf_counter() - start,
-                         "gate_config": gate_config(method)})
+                         "gate_config": gate_config(method, overrides)})
             print(json.dumps(rows[-1]), file=sys.stderr)
             save()
     print_table(rows, datasets)
     plot(rows, datasets, out.with_suffix(".png"))
 
 
-def gate_config(method: str) -> dict | None:
-    """The default gate hyper-parameters a ``gates`` row was measured with (a row with other ones is measured again)."""
-    return asdict(GateConfig()) if method == "gates" else None
+def gate_config(method: str, overrides: dict) -> dict | None:
+    """The gate hyper-parameters a ``gates`` row is measured with (a row with other ones is measured again)."""
+    return asdict(GateConfig(**overrides)) if method == "gates" else None
 
 
 # gate settings added after rows were measured, at the values that behave as before they existed
 PREDATED_GATE_SETTINGS = {"optimizer": "adam", "hard_steps": 0, "restarts": 1}
 
 
-def same_gate_config(measured: dict | None, method: str) -> bool:
-    """Whether a row was measured with today's gate defaults (a setting the row predates had its neutral value)."""
-    current = gate_config(method)
+def same_gate_config(measured: dict | None, method: str, overrides: dict) -> bool:
+    """Whether a row was measured with these gate settings (a setting the row predates had its neutral value)."""
+    current = gate_config(method, overrides)
     if measured is None or current is None:
         return measured == current
     return all(measured.get(key, PREDATED_GATE_SETTINGS.get(key)) == value for key, value in current.items())
