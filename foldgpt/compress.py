@@ -63,6 +63,8 @@ def settings_for(stage: str, settings: dict[str, Any]) -> dict[str, Any]:
     prefixes = STAGE_SETTINGS[stage]
     if stage == "pruned" and settings.get("target_params") is None:  # grouping matters to removal only via --target-params
         prefixes = tuple(p for p in prefixes if p not in ("group_size", "groups"))
+    if stage == "pruned" and settings.get("method") != "gates":  # only gate training reads these (e.g. bi skips them)
+        prefixes = tuple(p for p in prefixes if p not in ("gate_", "gradient_checkpointing"))
     return {k: v for k, v in sorted(settings.items()) if any(k == p or (p.endswith("_") and k.startswith(p)) for p in prefixes)}
 
 

@@ -80,6 +80,18 @@ def test_a_changed_setting_redoes_only_the_stages_after_it(tiny_folder, text_fil
     assert skipped == {"dense", "analysis", "pruned", "folded"}
 
 
+def test_gate_settings_invalidate_the_removal_only_when_the_gates_remove():
+    from foldgpt.compress import settings_for
+
+    base = {"model": "m", "method": "bi", "remove": 6, "gate_steps": 80, "gate_restarts": 3, "gradient_checkpointing": False,
+            "heal_steps": 25}
+    assert "gate_restarts" not in settings_for("pruned", base) and "remove" in settings_for("pruned", base)
+    assert settings_for("pruned", base) == settings_for("pruned", {**base, "gate_restarts": 1, "gate_steps": 160})
+    gates = {**base, "method": "gates"}
+    assert settings_for("pruned", gates)["gate_restarts"] == 3
+    assert settings_for("pruned", gates) != settings_for("pruned", {**gates, "gate_restarts": 1})
+
+
 def test_a_run_killed_during_healing_resumes_without_redoing_earlier_stages(tiny_folder, text_file, tmp_path, monkeypatch):
     import foldgpt.healing
 
