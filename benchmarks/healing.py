@@ -65,7 +65,15 @@ def heal_config(args: argparse.Namespace, loss_set: str, work: Path) -> HealConf
     kl, tail, lm = LOSS_SETS[loss_set]
     return HealConfig(data=args.data, tokens=args.tokens, seqlen=args.seqlen, micro_batch=args.micro_batch, lr=args.lr,
                       kl_weight=kl, tail_weight=tail, lm_weight=lm, tail_layers=args.tail_layers, seed=args.seed,
-                      eval_windows=args.eval_windows, teacher_cache=str(work / "teacher-cache"), checkpoint_every=0)
+                      eval_windows=args.eval_windows, teacher_cache=str(teacher_cache_folder(args, work)), checkpoint_every=0)
+
+
+def teacher_cache_folder(args: argparse.Namespace, work: Path) -> Path:
+    """One cache per seed and window length: they choose the windows, and a cache is refused for other windows (a larger
+    budget only adds windows to the cache)."""
+    if args.seed == 0 and args.seqlen == 256:
+        return work / "teacher-cache"
+    return work / (f"teacher-cache-seed{args.seed}" + (f"-seqlen{args.seqlen}" if args.seqlen != 256 else ""))
 
 
 def throughput(student, teacher, args: argparse.Namespace) -> dict:
