@@ -6,7 +6,8 @@ Students (cached under ``--work``, which is ignored by git): (a) ``gates6``: 6 b
 (default ``GateConfig``), (b) ``gates6-g2``: the same folded in contiguous groups of 2 (parent: first block), (c)
 ``bi6``: 6 blocks removed by Block Influence, (d) ``gates6-c8``: the gates on 8 calibration windows instead of 16
 ((a) keeps the 16 it was measured with, although the gates' default is now 64), (e) ``gates6-now``: the gates with
-today's defaults (64 windows, ``GateConfig()``: 3 restarts). Each is healed from the dense model
+today's defaults (64 windows, ``GateConfig()``: 3 restarts), (f) ``gates6-lora``: the same with heal-aware gates
+(``GateConfig(lora_rank=8)``). Each is healed from the dense model
 on ``--data`` (Alpaca by default) for ``--tokens`` tokens with KL + tail + LM; the ``--ablation-cases`` are also
 healed with KL only and KL + tail. The teacher's outputs are cached once on disk (``--work/teacher-cache``) and shared
 by every run (the runs see the same windows).
@@ -33,11 +34,13 @@ import torch.nn.functional as F
 import foldgpt
 from foldgpt.evaluation import perplexity
 from foldgpt.healing import HealConfig, heal, healing_windows
+from foldgpt.importance.gates import GateConfig
 
 LOSS_SETS = {"kl": (1.0, 0.0, 0.0), "kl+tail": (1.0, 1.0, 0.0), "kl+tail+lm": (1.0, 1.0, 1.0)}
 CASES = {"gates6": "(a) gates, 6 removed", "gates6-g2": "(b) gates, 6 removed + G=2 sharing", "bi6": "(c) bi, 6 removed",
          "gates6-c8": "(d) gates, 6 removed, 8 calibration windows",
-         "gates6-now": "(e) gates, 6 removed, today's defaults (64 windows, 3 restarts)"}
+         "gates6-now": "(e) gates, 6 removed, today's defaults (64 windows, 3 restarts)",
+         "gates6-lora": "(f) heal-aware gates (rank-8 LoRA trains with them), 6 removed"}
 
 
 def prepare_students(model: str, work: Path) -> dict[str, Path]:
@@ -54,6 +57,9 @@ def prepare_students(model: str, work: Path) -> dict[str, Path]:
                       calibration=foldgpt.CalibrationConfig(nsamples=8))
     if not (folders["gates6-now"] / "config.json").is_file():  # prune's calibration default: 64 windows for gates
         foldgpt.prune(foldgpt.load(model), method="gates", remove=6, out=folders["gates6-now"])
+    if not (folders["gates6-lora"] / "config.json").is_file():
+        foldgpt.prune(foldgpt.load(model), method="gates", remove=6, out=folders["gates6-lora"],
+                      gate_config=GateConfig(lora_rank=8))
     return folders
 
 

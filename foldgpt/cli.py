@@ -152,6 +152,12 @@ def _add_gate_options(parser: argparse.ArgumentParser) -> None:
                        help="train the gates this many times (seeds SEED, SEED+1, ...: other window orders) and remove "
                        "by their average over the last quarter of every run; costs that many times the training "
                        f"(default: {defaults.restarts})")
+    group.add_argument("--gate-lora-rank", type=int, default=defaults.lora_rank,
+                       help="heal-aware gates: LoRA adapters of this rank on every projection train with the gates (the "
+                       "teacher runs without them) and are discarded after, so blocks the others can learn to make up "
+                       f"for close (default: {defaults.lora_rank}; 0 = off)")
+    group.add_argument("--gate-lora-lr", type=float, default=defaults.lora_lr,
+                       help=f"learning rate of those adapters (default: {defaults.lora_lr})")
     group.add_argument("--gate-t", type=float, default=defaults.t, help=f"the regulariser's pull towards 0, t (default: {defaults.t})")
     group.add_argument("--gate-loss", choices=("kl", "lm"), default=defaults.loss,
                        help="kl: KL(dense model || gated model) on logits; lm: next-token loss (default: kl)")

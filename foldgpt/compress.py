@@ -46,6 +46,9 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
               "prefill_tokens", "decode_tokens"),
 }
 STAGES = tuple(STAGE_SETTINGS)
+# settings added after runs were first written: left out of a stage's key while at these defaults, so that a run
+# finished before they existed (with what is their default now) is not redone after an upgrade
+LATER_SETTINGS: dict[str, Any] = {"gate_lora_rank": 0, "gate_lora_lr": 5e-3}
 
 
 @dataclass
@@ -65,7 +68,9 @@ def settings_for(stage: str, settings: dict[str, Any]) -> dict[str, Any]:
         prefixes = tuple(p for p in prefixes if p not in ("group_size", "groups"))
     if stage == "pruned" and settings.get("method") != "gates":  # only gate training reads these (e.g. bi skips them)
         prefixes = tuple(p for p in prefixes if p not in ("gate_", "gradient_checkpointing"))
-    return {k: v for k, v in sorted(settings.items()) if any(k == p or (p.endswith("_") and k.startswith(p)) for p in prefixes)}
+    return {k: v for k, v in sorted(settings.items())
+            if any(k == p or (p.endswith("_") and k.startswith(p)) for p in prefixes)
+            and not (k in LATER_SETTINGS and v == LATER_SETTINGS[k])}
 
 
 def stage_key(stage: str, settings: dict[str, Any], upstream: str) -> str:

@@ -92,6 +92,15 @@ def test_gate_settings_invalidate_the_removal_only_when_the_gates_remove():
     assert settings_for("pruned", gates) != settings_for("pruned", {**gates, "gate_restarts": 1})
 
 
+def test_settings_added_later_leave_a_finished_stage_valid_at_their_default():
+    from foldgpt.compress import settings_for
+
+    before = {"model": "m", "method": "gates", "remove": 6, "gate_steps": 80, "gradient_checkpointing": False}
+    now = {**before, "gate_lora_rank": 0, "gate_lora_lr": 5e-3}
+    assert settings_for("pruned", now) == settings_for("pruned", before)  # a run from before the option: not redone
+    assert settings_for("pruned", {**now, "gate_lora_rank": 8})["gate_lora_rank"] == 8  # set: a new removal
+
+
 def test_a_run_killed_during_healing_resumes_without_redoing_earlier_stages(tiny_folder, text_file, tmp_path, monkeypatch):
     import foldgpt.healing
 

@@ -13,7 +13,9 @@ from foldgpt.errors import FoldGPTError
 from foldgpt.importance import METHODS
 from foldgpt.importance.gates import (
     GateConfig,
+    adapters_off,
     block_flops_weights,
+    compensating_lora,
     ensemble_gates,
     gated,
     hard_removal_mask,
@@ -312,3 +314,37 @@ def test_restarts_are_runs_with_the_next_seeds_and_remove_by_their_ensemble():
     assert selection.removed == [2, 4] and selection.details["restarts"] == 2
     with pytest.raises(FoldGPTError, match="restarts >= 1"):
         GateConfig(restarts=0)
+
+
+def test_heal_aware_gates_close_identity_blocks_and_leave_no_adapters_behind():
+    model = identity_block_model([2, 4])
+    ids = random_ids(batch=8, length=16)
+    before, names = logits_of(model, ids), [name for name, _ in model.named_parameters()]
+    flags = [p.requires_grad for p in model.parameters()]
+    config = GateConfig(restarts=1, steps=30, lr=0.1, lam=0.2, lora_rank=4)
+    result = train_gates(model, ids, config, seed=0, n_remove=2)
+    assert max(result.gates[2], result.gates[4]) < 0.2 < 0.5 < min(g for i, g in enumerate(result.gates) if i not in (2, 4))
+    assert result.distill_history != train_gates(model, ids, GateConfig(restarts=1, steps=30, lr=0.1, lam=0.2), 0, 2).distill_history
+    assert torch.equal(logits_of(model, ids), before)
+    assert [name for name, _ in model.named_parameters()] == names and "peft_config" not in vars(model)
+    assert [p.requires_grad for p in model.parameters()] == flags
+    with pytest.raises(FoldGPTError, match="lora_rank"):
+        GateConfig(lora_rank=-1)
+
+
+def test_compensating_adapters_change_the_student_but_not_the_teacher():
+    model = tiny_model()
+    ids = random_ids(batch=2, length=16)
+    before, flags = logits_of(model, ids), [p.requires_grad for p in model.parameters()]
+    with compensating_lora(model, rank=4, seed=0) as lora:
+        adapters = [p for p in model.parameters() if p.requires_grad]
+        assert adapters and all("lora_" in name for name, p in model.named_parameters() if p.requires_grad)
+        assert torch.equal(logits_of(model, ids), before)  # B starts at 0: the adapters start as no change
+        with torch.no_grad():
+            for parameter in adapters:
+                parameter.add_(0.1)
+        assert not torch.allclose(logits_of(model, ids), before)
+        with adapters_off(lora):
+            assert torch.equal(logits_of(model, ids), before)
+    assert torch.equal(logits_of(model, ids), before)
+    assert [p.requires_grad for p in model.parameters()] == flags

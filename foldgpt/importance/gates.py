@@ -89,6 +89,13 @@ class GateConfig:
     The default of 3 was chosen on validation text with 64 calibration windows: it removed blocks 4 5 13 14 25 26 for
     a 6-block target and 4 5 14 26 for 4, better than one run and than Block Influence there (README, "How much the
     choice depends on the calibration draw").
+
+    ``lora_rank > 0`` (ours, beyond the paper) makes the gates heal-aware: every projection of every block gets a LoRA
+    adapter of that rank (peft; ``lora_alpha = 2 * rank``, as healing's default 8/16) that trains with the gates at
+    ``lora_lr``, and the teacher runs with the adapters off. A block whose loss the other blocks can learn to make up
+    for can then close, which is what healing later does; frozen weights rank the blocks by the damage before any
+    healing. The adapters are discarded after (gates rank, they do not ship); the cost is LoRA's share of the backward.
+    Not the default: see the README ("Heal-aware gates") for what it measured.
     """
 
     steps: int = 80
@@ -108,6 +115,8 @@ class GateConfig:
     optimizer: str = "adam"
     hard_steps: int = 0
     restarts: int = 3
+    lora_rank: int = 0
+    lora_lr: float = 5e-3
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> GateConfig:
@@ -117,7 +126,8 @@ class GateConfig:
                    polarization_center=settings["gate_center"], t=settings["gate_t"], loss=settings["gate_loss"],
                    micro_batch=settings["gate_micro_batch"], grad_accum=settings["gate_grad_accum"],
                    optimizer=settings["gate_optimizer"], hard_steps=settings["gate_hard_steps"],
-                   restarts=settings["gate_restarts"],
+                   restarts=settings["gate_restarts"], lora_rank=settings["gate_lora_rank"],
+                   lora_lr=settings["gate_lora_lr"],
                    gradient_checkpointing=settings["gradient_checkpointing"])
 
     def __post_init__(self) -> None:
@@ -136,7 +146,9 @@ class GateConfig:
             raise FoldGPTError(f"gate training needs lam_growth >= 0, got {self.lam_growth}")
         if not 0 < self.lam_damping <= 1:
             raise FoldGPTError(f"gate training needs 0 < lam_damping <= 1, got {self.lam_damping}")
-        for name in ("temperature", "max_gate"):
+        if self.lora_rank < 0:
+            raise FoldGPTError(f"gate training needs lora_rank >= 0 (0 = no adapters), got {self.lora_rank}")
+        for name in ("temperature", "max_gate", "lora_lr"):
             if not getattr(self, name) > 0:
                 raise FoldGPTError(f"gate training needs {name} > 0, got {getattr(self, name)}")
 
@@ -414,14 +426,58 @@ def _check_finite(loss: torch.Tensor, what: str, step: int, steps: int) -> None:
         )
 
 
-def _micro_batch_loss(model: PreTrainedModel, gates: BlockGates, ids: torch.Tensor, config: GateConfig) -> torch.Tensor:
-    """The distillation (or LM) loss of one micro-batch; the teacher runs in the same step, without gradients."""
+def _micro_batch_loss(
+    model: PreTrainedModel, gates: BlockGates, ids: torch.Tensor, config: GateConfig, lora: Any = None
+) -> torch.Tensor:
+    """The distillation (or LM) loss of one micro-batch; the teacher (gates bypassed, ``lora``'s adapters off) runs in
+    the same step, without gradients."""
     if config.loss == "lm":
         return next_token_loss(model(input_ids=ids, use_cache=False).logits, ids)
-    with torch.no_grad(), gates.bypassed():
+    with torch.no_grad(), gates.bypassed(), adapters_off(lora):
         teacher_logits = model(input_ids=ids, use_cache=False).logits
     student_logits = model(input_ids=ids, use_cache=False).logits
     return distillation_loss(student_logits, teacher_logits, config.temperature)
+
+
+@contextmanager
+def compensating_lora(model: PreTrainedModel, rank: int, seed: int) -> Iterator[Any]:
+    """LoRA adapters of ``rank`` on every projection of ``model``'s blocks while open (``GateConfig.lora_rank``), only
+    they trainable; yields the peft tuner (None for ``rank == 0``, which changes nothing). On exit the adapters are
+    unloaded and every weight's ``requires_grad`` restored, so the model is as before."""
+    if rank == 0:
+        yield None
+        return
+    from peft import LoraConfig  # noqa: PLC0415
+    from peft.tuners.lora import LoraModel  # noqa: PLC0415
+    from transformers.pytorch_utils import Conv1D  # noqa: PLC0415
+
+    targets = adapter_for(model).lora_targets
+    linear = {name.rsplit(".", 1)[-1]: module for name, module in model.named_modules() if isinstance(module, LINEAR_TYPES)}
+    had_peft_config = "peft_config" in vars(model)
+    torch.manual_seed(seed)  # LoRA's A matrices are initialised at random
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), bias="none",  # type: ignore[arg-type]
+                        fan_in_fan_out=isinstance(linear[targets[0]], Conv1D))
+    with frozen_weights(model):
+        tuner = LoraModel(model, config, "gates")  # marks only the adapters trainable
+        try:
+            yield tuner
+        finally:
+            tuner.unload()
+            if not had_peft_config:
+                vars(model).pop("peft_config", None)
+
+
+@contextmanager
+def adapters_off(lora: Any) -> Iterator[None]:
+    """``compensating_lora``'s adapters switched off while open (the teacher is the model without them)."""
+    if lora is None:
+        yield
+        return
+    lora.disable_adapter_layers()
+    try:
+        yield
+    finally:
+        lora.enable_adapter_layers()
 
 
 def hard_removal_mask(gates: torch.Tensor, n_remove: float, costs: torch.Tensor | None = None) -> torch.Tensor:
@@ -565,8 +621,12 @@ def _train_gate_run(
         stack.enter_context(eval_mode(model))
         stack.enter_context(activation_checkpointing(model, config.gradient_checkpointing))
         gates = stack.enter_context(gated(model, granularity))
+        lora = stack.enter_context(compensating_lora(model, config.lora_rank, seed))
+        adapters = [] if lora is None else [p for p in model.parameters() if p.requires_grad]
         optimizer = (torch.optim.Adam([gates.values], lr=config.lr) if config.optimizer == "adam"
                      else torch.optim.SGD([gates.values], lr=config.lr, momentum=0.9))
+        if adapters:
+            optimizer.add_param_group({"params": adapters, "lr": config.lora_lr})
         progress = tqdm(range(1, config.steps + 1), desc=label, leave=False, disable=rank != 0)
         for step in progress:
             optimizer.zero_grad(set_to_none=True)
@@ -578,7 +638,7 @@ def _train_gate_run(
                 batch = next(batches)  # every rank draws the whole step's micro-batches, in one process's order
                 if micro // config.grad_accum != rank:
                     continue  # another rank's share
-                loss = _micro_batch_loss(model, gates, batch.to(device), config)
+                loss = _micro_batch_loss(model, gates, batch.to(device), config, lora)
                 if parallel is None:
                     _check_finite(loss, f"{config.loss} loss", step, config.steps)
                 (loss / config.grad_accum).backward()
@@ -586,8 +646,9 @@ def _train_gate_run(
             if parallel is not None:  # the same loss on every rank (a NaN on one stops all), then the mean gradient
                 distill = parallel.mean({"distill": distill})["distill"]
                 _check_finite(torch.tensor(distill), f"{config.loss} loss", step, config.steps)
-                assert gates.values.grad is not None
-                parallel.mean_(gates.values.grad)
+                for parameter in (gates.values, *adapters):
+                    assert parameter.grad is not None
+                    parallel.mean_(parameter.grad)
             center = (target_center(gates.values, n_remove, cost_tensor)
                       if config.polarization_center == "target" and n_remove is not None else None)
             regularizer = polarization_regularizer(gates.values, weights, config.t, center)
