@@ -7,7 +7,8 @@ Students (cached under ``--work``, which is ignored by git): (a) ``gates6``: 6 b
 ``bi6``: 6 blocks removed by Block Influence, (d) ``gates6-c8``: the gates on 8 calibration windows instead of 16
 ((a) keeps the 16 it was measured with, although the gates' default is now 64), (e) ``gates6-now``: the gates with
 today's defaults (64 windows, ``GateConfig()``: 3 restarts), (f) ``gates6-lora``: the same with heal-aware gates
-(``GateConfig(lora_rank=8)``). Each is healed from the dense model
+(``GateConfig(lora_rank=8)``), (g) ``gates4`` / (h) ``bi4``: the 4 blocks the gates (defaults) and bi removed in the
+64-window removal table (``benchmarks/results/removal_methods_n64.json``), removed with ``prune(blocks=...)``. Each is healed from the dense model
 on ``--data`` (Alpaca by default) for ``--tokens`` tokens with KL + tail + LM; the ``--ablation-cases`` are also
 healed with KL only and KL + tail. The teacher's outputs are cached once on disk (``--work/teacher-cache``) and shared
 by every run (the runs see the same windows).
@@ -40,7 +41,10 @@ LOSS_SETS = {"kl": (1.0, 0.0, 0.0), "kl+tail": (1.0, 1.0, 0.0), "kl+tail+lm": (1
 CASES = {"gates6": "(a) gates, 6 removed", "gates6-g2": "(b) gates, 6 removed + G=2 sharing", "bi6": "(c) bi, 6 removed",
          "gates6-c8": "(d) gates, 6 removed, 8 calibration windows",
          "gates6-now": "(e) gates, 6 removed, today's defaults (64 windows, 3 restarts)",
-         "gates6-lora": "(f) heal-aware gates (rank-8 LoRA trains with them), 6 removed"}
+         "gates6-lora": "(f) heal-aware gates (rank-8 LoRA trains with them), 6 removed",
+         "gates4": "(g) gates, 4 removed (the 64-window removal table's set)",
+         "bi4": "(h) bi, 4 removed (the 64-window removal table's set)"}
+REMOVAL_TABLE = Path("benchmarks/results/removal_methods_n64.json")
 
 
 def prepare_students(model: str, work: Path) -> dict[str, Path]:
@@ -60,7 +64,21 @@ def prepare_students(model: str, work: Path) -> dict[str, Path]:
     if not (folders["gates6-lora"] / "config.json").is_file():
         foldgpt.prune(foldgpt.load(model), method="gates", remove=6, out=folders["gates6-lora"],
                       gate_config=GateConfig(lora_rank=8))
+    for method, name in (("gates", "gates4"), ("bi", "bi4")):
+        if not (folders[name] / "config.json").is_file():
+            foldgpt.prune(foldgpt.load(model), blocks=removal_table_set(method, 4), out=folders[name])
     return folders
+
+
+def removal_table_set(method: str, count: int) -> list[int]:
+    """The blocks ``method`` (with its defaults) removed for ``count`` in the 64-window removal table, so that the
+    students are the ones that table scored without running the gates' 3 x 80 steps again."""
+    rows = json.loads(REMOVAL_TABLE.read_text())["rows"]
+    matches = [row["removed"] for row in rows if row["method"] == method and row["removed_count"] == count
+               and (row.get("gate_config") or {}).get("restarts", 3) == 3]
+    if len(matches) != 1:
+        raise SystemExit(f"{REMOVAL_TABLE}: expected one {method} row removing {count} blocks, found {len(matches)}")
+    return matches[0]
 
 
 def ppl(loaded, args: argparse.Namespace) -> float:

@@ -102,8 +102,8 @@ def _add_output(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it already exists")
 
 
-def _add_targets(parser: argparse.ArgumentParser, default_remove: int | None = None) -> None:
-    group = parser.add_mutually_exclusive_group(required=default_remove is None)
+def _add_targets(parser: argparse.ArgumentParser, default_remove: int | None = None, required: bool = True) -> None:
+    group = parser.add_mutually_exclusive_group(required=required and default_remove is None)
     default = f" (default: {default_remove})" if default_remove else ""
     group.add_argument("--remove", type=int, metavar="N", help=f"number of blocks to remove (1 .. blocks-1){default}")
     group.add_argument("--remove-ratio", type=float, metavar="R", help="fraction of blocks to remove, 0 < R < 1 (rounded)")
@@ -241,11 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 "method, scores and removed block indices (original numbering).")
     _add_model(prune)
     _add_device_map(prune)
-    prune.add_argument("--method", required=True, choices=METHOD_NAMES,
+    prune.add_argument("--method", choices=METHOD_NAMES,
                        help="gates: FoldGPT learned gates (see the gate options); bi: ShortGPT Block Influence; angular: best "
                        "contiguous span (Gromov et al.); sleb: greedy by calibration perplexity (SLEB); last: the last N "
-                       "before the final block; random: seeded control")
-    _add_targets(prune)
+                       "before the final block; random: seeded control (required unless --blocks is given)")
+    _add_targets(prune, required=False)
+    prune.add_argument("--blocks", metavar="SPEC", help="instead of --method and a target: remove exactly these blocks, "
+                       "e.g. '4,5,14,26' or '13-18' (to reproduce a set another tool or paper reports)")
     _add_calibration(prune, nsamples=None)
     _add_gate_options(prune)
     prune.add_argument("--granularity", default="block", choices=("block", "sublayer"),
@@ -368,6 +370,13 @@ def run_prune(args: argparse.Namespace) -> None:
 
     check_output_free(Path(args.out), args.overwrite)
     _check_offload(args)
+    if args.blocks is not None:
+        _run_prune_given(args)
+        return
+    if args.method is None:
+        raise FoldGPTError("prune needs --method M and a target (--remove N, ...), or --blocks SPEC")
+    if all(getattr(args, name) is None for name in ("remove", "remove_ratio", "target_params", "target_flops")):
+        raise FoldGPTError("prune needs one target: --remove N, --remove-ratio R, --target-params F or --target-flops F")
     if args.offload == "blocks":
         _run_prune_blockwise(args)
         return
@@ -387,6 +396,18 @@ def run_prune(args: argparse.Namespace) -> None:
     print(f"parameters {meta['parameters_before']:,} -> {meta['parameters_after']:,} "
           f"({meta['parameters_after'] / meta['parameters_before']:.1%}); FLOPs/token {meta['flops_per_token_after'] / meta['flops_per_token_before']:.1%} "
           f"of dense; wrote {args.out}")
+
+
+def _run_prune_given(args: argparse.Namespace) -> None:
+    from foldgpt.pruning import parse_blocks, prune  # noqa: PLC0415
+
+    if args.method is not None or args.offload == "blocks":
+        raise FoldGPTError("--blocks names the blocks to remove: give it without --method and --offload blocks")
+    result = prune(_load(args), blocks=parse_blocks(args.blocks), out=args.out, overwrite=args.overwrite,
+                   granularity=args.granularity, **{name: getattr(args, name) for name in ("remove", "remove_ratio", "target_params", "target_flops")})
+    meta = result.metadata
+    print(f"removed the given blocks {meta['removed']} of {meta['num_blocks_before']}; parameters {meta['parameters_before']:,} -> "
+          f"{meta['parameters_after']:,} ({meta['parameters_after'] / meta['parameters_before']:.1%}); wrote {args.out}")
 
 
 def _run_prune_blockwise(args: argparse.Namespace) -> None:

@@ -58,7 +58,7 @@ def checked_settings(parser: argparse.ArgumentParser, values: dict[str, Any], or
         if key in ("out", "overwrite", "config"):
             raise FoldGPTError(f"{origin}: '{key}' is not a setting; give it on the command line (--{key})")
         if key not in actions:
-            raise FoldGPTError(f"{origin}: unknown setting '{key}'; valid settings: {', '.join(sorted(actions))}")
+            raise FoldGPTError(f"{origin}: unknown setting {str(key)!r}; valid settings: {', '.join(sorted(actions))}")
         checked[key] = _convert(actions[key], value, f"{origin}: setting '{key}'")
     return checked
 

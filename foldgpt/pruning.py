@@ -8,6 +8,7 @@ and the returned model has them replaced by weightless ``ZeroBranch``-es, as ``f
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +63,7 @@ def prune(
     target_params: float | None = None,
     target_flops: float | None = None,
     granularity: str = "block",
+    blocks: Sequence[int] | None = None,
 ) -> PruneResult:
     """Remove blocks from ``loaded.model`` in place with ``method``; save a plain HF folder to ``out`` if given.
 
@@ -69,7 +71,12 @@ def prune(
     model's parameters / FLOPs per token (see ``foldgpt.budget``). ``gate_config`` sets the hyper-parameters of
     ``method="gates"`` (defaults: ``GateConfig()``). ``granularity="sublayer"`` (gates only) gates and removes attention
     and MLP sub-layers, the target counted in sub-layers (see ``foldgpt.budget``).
+
+    ``blocks`` removes exactly those blocks instead (method ``"given"``, no calibration data, no other target): to
+    reproduce a set a paper or another tool reports, or to compare sets on equal terms.
     """
+    if blocks is not None:
+        return _prune_given(loaded, list(blocks), out, overwrite, remove, remove_ratio, target_params, target_flops, granularity)
     if method not in METHODS:
         raise FoldGPTError(f"unknown method '{method}'; choose one of {', '.join(sorted(METHODS))}")
     if granularity not in GRANULARITIES:
@@ -163,6 +170,66 @@ def _remove(model, selection: Selection, num_blocks: int) -> dict[str, list[int]
 def _branch_total(model, saved: dict[str, list[int]], cost) -> int:
     layers = adapter_for(model).layers(model)
     return sum(cost(layers[index], branch) for branch, blocks in saved.items() for index in blocks)
+
+
+def parse_blocks(text: str) -> list[int]:
+    """Block indices from ``"4,5,14,26"`` or ``"13-18"`` or a mix (``--blocks``)."""
+    blocks: list[int] = []
+    for part in (piece.strip() for piece in text.split(",")):
+        first, _, last = part.partition("-")
+        try:
+            start, end = int(first), int(last or first)
+        except ValueError:
+            raise FoldGPTError(f"--blocks: '{part}' is not a block like 4 or a range like 13-18") from None
+        if end < start:
+            raise FoldGPTError(f"--blocks: range '{part}' runs backwards; write it as {end}-{start}")
+        blocks.extend(range(start, end + 1))
+    return blocks
+
+
+def _prune_given(
+    loaded: LoadedModel, blocks: list[int], out: str | Path | None, overwrite: bool, *targets: object
+) -> PruneResult:
+    """``prune(blocks=...)``: remove exactly ``blocks`` (input numbering) and save as every method does."""
+    if any(target is not None for target in targets[:4]) or targets[4] != "block":
+        raise FoldGPTError("--blocks names the blocks to remove: give it without --remove, --remove-ratio, --target-params, "
+                           "--target-flops and --granularity sublayer")
+    model = loaded.model
+    if getattr(model.config, "foldgpt_sharing", None) or hasattr(model, "get_base_model"):
+        raise FoldGPTError(f"'{loaded.source}' is folded or healed; remove blocks first, then fold (prune the unfolded model)")
+    refuse_removed_sublayers(model, "pruning")
+    num_blocks = len(adapter_for(model).layers(model))
+    wrong = [block for block in blocks if not 0 <= block < num_blocks]
+    if wrong or len(set(blocks)) != len(blocks) or not 0 < len(blocks) < num_blocks:
+        raise FoldGPTError(f"--blocks {','.join(map(str, blocks))}: give distinct blocks between 0 and {num_blocks - 1}, "
+                           f"at least one and fewer than all {num_blocks}")
+    parameters_before, flops_before = count_parameters(model), model_flops_per_token(model, RemovalTarget().flops_context)
+    selection = Selection(method="given", removed=sorted(blocks))
+    _remove(model, selection, num_blocks)
+    metadata = {
+        "foldgpt_version": __version__,
+        "stage": "prune",
+        "source_model": loaded.source,
+        "method": "given",
+        "num_blocks_before": num_blocks,
+        "num_blocks_after": num_blocks - len(blocks),
+        "removed": selection.removed,
+        "removed_original": _in_original_numbering(loaded.source, selection.removed, num_blocks),
+        "scores": None,
+        "details": {},
+        "parameters_before": parameters_before,
+        "parameters_after": count_parameters(model),
+        "target": {"blocks": selection.removed},
+        "flops_per_token_before": flops_before,
+        "flops_per_token_after": model_flops_per_token(model, RemovalTarget().flops_context),
+        "flops_context": RemovalTarget().flops_context,
+        "selection_seconds": 0.0,
+        "total_seconds": 0.0,
+    }
+    if out is not None and is_main_process():
+        with atomic_output_dir(Path(out), overwrite) as folder:
+            save_plain_model(model, loaded.tokenizer, folder, metadata)
+    return PruneResult(selection=selection, loaded=loaded, metadata=metadata)
 
 
 def _in_original_numbering(source: str, removed: list[int], num_blocks: int) -> list[int]:

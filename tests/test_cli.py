@@ -50,6 +50,20 @@ def test_pruning_a_pruned_folder_records_original_block_numbers(capsys, tiny_fol
     assert second["removed"] == [2] and second["removed_original"] == [3]  # kept were 0, 1, 3, 5
 
 
+def test_prune_removes_exactly_the_given_blocks(capsys, tiny_folder, tmp_path):
+    code, stdout, _ = run_cli(capsys, "prune", tiny_folder, "--blocks", "1,3-4", "--out", tmp_path / "given")
+    assert code == 0 and "[1, 3, 4]" in stdout
+    metadata = json.loads((tmp_path / "given" / "foldgpt.json").read_text())
+    assert metadata["method"] == "given" and metadata["removed"] == metadata["removed_original"] == [1, 3, 4]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "given").config.num_hidden_layers == DEPTH - 3
+    for args, message in ((["--blocks", "2,9"], "between 0 and"), (["--blocks", "2,2"], "distinct"),
+                          (["--blocks", "2-1"], "backwards"), (["--blocks", "2", "--remove", 1], "without --remove"),
+                          (["--blocks", "2", "--method", "bi"], "without --method"), (["--remove", 1], "needs --method")):
+        code, _, err = run_cli(capsys, "prune", tiny_folder, *args, "--out", tmp_path / "bad")
+        assert_one_line_error(code, err, message)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_analyze_writes_json_and_figures(capsys, tiny_folder, text_file, tmp_path):
     out = tmp_path / "analysis"
     code, _, _ = run_cli(capsys, "analyze", tiny_folder, "--calibration", text_file, "--nsamples", 2, "--seqlen", 32, "--out", out)
