@@ -8,7 +8,7 @@ Students (cached under ``--work``, which is ignored by git): (a) ``gates6``: 6 b
 ((a) keeps the 16 it was measured with, although the gates' default is now 64), (e) ``gates6-now``: the gates with
 today's defaults (64 windows, ``GateConfig()``: 3 restarts), (f) ``gates6-lora``: the same with heal-aware gates
 (``GateConfig(lora_rank=8)``), (g) ``gates4`` / (h) ``bi4``: the 4 blocks the gates (defaults) and bi removed in the
-64-window removal table (``benchmarks/results/removal_methods_n64.json``), removed with ``prune(blocks=...)``. Each is healed from the dense model
+64-window removal table (``benchmarks/results/removal_methods_n64.json``), removed with ``prune(blocks=...)``; and any folder given as ``--student NAME=DIR``. Each is healed from the dense model
 on ``--data`` (Alpaca by default) for ``--tokens`` tokens with KL + tail + LM; the ``--ablation-cases`` are also
 healed with KL only and KL + tail. The teacher's outputs are cached once on disk (``--work/teacher-cache``) and shared
 by every run (the runs see the same windows).
@@ -140,6 +140,8 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cases", default="gates6-g2,gates6,bi6")
+    parser.add_argument("--student", action="append", default=[], metavar="NAME=DIR",
+                        help="also heal the pruned (or folded) folder DIR, e.g. from `foldgpt prune`, as case NAME (repeatable)")
     parser.add_argument("--ablation-cases", default="gates6-g2")
     parser.add_argument("--eval-seqlen", type=int, default=1024)
     parser.add_argument("--max-tokens", type=int, default=16384)
@@ -159,11 +161,13 @@ def main() -> None:
         out.write_text(json.dumps(results, indent=2) + "\n")
 
     folders = prepare_students(args.model, work)
+    extra = dict(spec.split("=", 1) for spec in args.student)
+    folders.update({name: Path(folder) for name, folder in extra.items()})
     teacher = foldgpt.load(args.model)
     if "dense" not in results["perplexity"]:
         results["perplexity"]["dense"] = ppl(teacher, args)
         save()
-    cases = args.cases.split(",")
+    cases = [case for case in args.cases.split(",") if case] + list(extra)
     ablations = set(args.ablation_cases.split(",")) if args.ablation_cases else set()
     plan = [(case, "kl+tail+lm") for case in cases] + [(c, s) for c in cases if c in ablations for s in ("kl", "kl+tail")]
     for case, loss_set in plan:
@@ -179,7 +183,7 @@ def main() -> None:
         seconds = time.perf_counter() - start
         meta = result.metadata
         results["runs"][key] = {
-            "case": case, "losses": loss_set, "lr": args.lr, "ppl_after": ppl(result.loaded, args), "ppl_before": results["perplexity"][case],
+            "case": case, "folder": str(folders[case]), "losses": loss_set, "lr": args.lr, "ppl_after": ppl(result.loaded, args), "ppl_before": results["perplexity"][case],
             "steps": meta["steps_done"], "tokens": meta["tokens_seen"], "heal_seconds": seconds,
             "train_tokens_per_s": meta["tokens_per_second"], "teacher_windows_computed": meta["teacher_windows_computed"],
             "heldout_before": result.evals[0], "heldout_after": result.evals[-1],
@@ -201,10 +205,12 @@ def print_table(results: dict) -> None:
     print("| student | losses | lr | ppl before | ppl after | gap recovered (ppl) | gap recovered (log ppl) | heal time (s) "
           "| train tokens/s |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for run in sorted(results["runs"].values(), key=lambda r: (list(CASES).index(r["case"]), -r.get("lr", 0), r["losses"])):
+    order = list(CASES)
+    for run in sorted(results["runs"].values(), key=lambda r: (order.index(r["case"]) if r["case"] in order else len(order),
+                                                               -r.get("lr", 0), r["losses"])):
         gap = (run["ppl_before"] - run["ppl_after"]) / (run["ppl_before"] - dense)
         log_gap = math.log(run["ppl_before"] / run["ppl_after"]) / math.log(run["ppl_before"] / dense)
-        print(f"| {CASES[run['case']]} | {run['losses']} | {run.get('lr', 1e-3):g} | {run['ppl_before']:,.2f} | "
+        print(f"| {CASES.get(run['case'], run['case'])} | {run['losses']} | {run.get('lr', 1e-3):g} | {run['ppl_before']:,.2f} | "
               f"{run['ppl_after']:,.2f} | {gap:.0%} | {log_gap:.0%} | {run['heal_seconds']:.0f} | {run['train_tokens_per_s']:.1f} |")
     if "throughput" in results:
         t = results["throughput"]
