@@ -7,7 +7,7 @@ Students (cached under ``--work``, which is ignored by git): (a) ``gates6``: 6 b
 ``bi6``: 6 blocks removed by Block Influence, (d) ``gates6-c8``: the gates on 8 calibration windows instead of 16
 ((a) keeps the 16 it was measured with, although the gates' default is now 64), (e) ``gates6-now``: the gates with
 today's defaults (64 windows, ``GateConfig()``: 3 restarts), (f) ``gates6-lora``: the same with heal-aware gates
-(``GateConfig(lora_rank=8)``), (g) ``gates4`` / (h) ``bi4``: the 4 blocks the gates (defaults) and bi removed in the
+(``GateConfig(lora_rank=8)``), (g) ``gates4`` / (h) ``bi4`` and (i) ``gates8`` / (j) ``bi8``: the 4 or 8 blocks the gates (defaults) and bi removed in the
 64-window removal table (``benchmarks/results/removal_methods_n64.json``), removed with ``prune(blocks=...)``; and any folder given as ``--student NAME=DIR``. Each is healed from the dense model
 on ``--data`` (Alpaca by default) for ``--tokens`` tokens with KL + tail + LM; the ``--ablation-cases`` are also
 healed with KL only and KL + tail. The teacher's outputs are cached once on disk (``--work/teacher-cache``) and shared
@@ -43,7 +43,9 @@ CASES = {"gates6": "(a) gates, 6 removed", "gates6-g2": "(b) gates, 6 removed + 
          "gates6-now": "(e) gates, 6 removed, today's defaults (64 windows, 3 restarts)",
          "gates6-lora": "(f) heal-aware gates (rank-8 LoRA trains with them), 6 removed",
          "gates4": "(g) gates, 4 removed (the 64-window removal table's set)",
-         "bi4": "(h) bi, 4 removed (the 64-window removal table's set)"}
+         "bi4": "(h) bi, 4 removed (the 64-window removal table's set)",
+         "gates8": "(i) gates, 8 removed (the 64-window removal table's set)",
+         "bi8": "(j) bi, 8 removed (the 64-window removal table's set)"}
 REMOVAL_TABLE = Path("benchmarks/results/removal_methods_n64.json")
 
 
@@ -64,9 +66,9 @@ def prepare_students(model: str, work: Path) -> dict[str, Path]:
     if not (folders["gates6-lora"] / "config.json").is_file():
         foldgpt.prune(foldgpt.load(model), method="gates", remove=6, out=folders["gates6-lora"],
                       gate_config=GateConfig(lora_rank=8))
-    for method, name in (("gates", "gates4"), ("bi", "bi4")):
-        if not (folders[name] / "config.json").is_file():
-            foldgpt.prune(foldgpt.load(model), blocks=removal_table_set(method, 4), out=folders[name])
+    for method, count in (("gates", 4), ("bi", 4), ("gates", 8), ("bi", 8)):
+        if not (folders[f"{method}{count}"] / "config.json").is_file():
+            foldgpt.prune(foldgpt.load(model), blocks=removal_table_set(method, count), out=folders[f"{method}{count}"])
     return folders
 
 
