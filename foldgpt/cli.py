@@ -366,16 +366,16 @@ def run_analyze(args: argparse.Namespace) -> None:
 def run_prune(args: argparse.Namespace) -> None:
     from foldgpt.artifacts import check_output_free  # noqa: PLC0415
     from foldgpt.distributed import is_main_process  # noqa: PLC0415
-    from foldgpt.pruning import prune  # noqa: PLC0415
+    from foldgpt.pruning import parse_blocks, prune  # noqa: PLC0415
 
     check_output_free(Path(args.out), args.overwrite)
     _check_offload(args)
-    if args.blocks is not None:
-        _run_prune_given(args)
-        return
-    if args.method is None:
+    blocks = None if args.blocks is None else parse_blocks(args.blocks)
+    if blocks is not None and (args.method is not None or args.offload == "blocks"):
+        raise FoldGPTError("--blocks names the blocks to remove: give it without --method and --offload blocks")
+    if blocks is None and args.method is None:
         raise FoldGPTError("prune needs --method M and a target (--remove N, ...), or --blocks SPEC")
-    if all(getattr(args, name) is None for name in ("remove", "remove_ratio", "target_params", "target_flops")):
+    if blocks is None and all(value is None for value in _targets(args).values()):
         raise FoldGPTError("prune needs one target: --remove N, --remove-ratio R, --target-params F or --target-flops F")
     if args.offload == "blocks":
         _run_prune_blockwise(args)
@@ -384,30 +384,18 @@ def run_prune(args: argparse.Namespace) -> None:
     if args.granularity == "sublayer" and args.method != "gates":
         raise FoldGPTError(f"--granularity sublayer needs --method gates (method '{args.method}' scores whole blocks)")
     main_process = is_main_process()  # torchrun / accelerate launch (--method gates): rank 0 writes
-    result = prune(_load(args), args.method, calibration=_calibration(args), out=args.out,
-                   overwrite=args.overwrite, gate_config=gate_config, granularity=args.granularity, **_targets(args))
+    result = prune(_load(args), args.method, calibration=_calibration(args), out=args.out, overwrite=args.overwrite,
+                   gate_config=gate_config, granularity=args.granularity, blocks=blocks, **_targets(args))
     if not main_process:
         return
     meta = result.metadata
-    print(f"{args.method}: removed blocks {meta['removed']} of {meta['num_blocks_before']} in {meta['selection_seconds']:.1f}s")
+    print(f"{meta['method']}: removed blocks {meta['removed']} of {meta['num_blocks_before']} in {meta['selection_seconds']:.1f}s")
     if args.granularity == "sublayer":
         single = meta["removed_sublayers"]
         print(f"removed sub-layers of kept blocks: attention {single.get('attention', [])}, MLP {single.get('mlp', [])}")
     print(f"parameters {meta['parameters_before']:,} -> {meta['parameters_after']:,} "
           f"({meta['parameters_after'] / meta['parameters_before']:.1%}); FLOPs/token {meta['flops_per_token_after'] / meta['flops_per_token_before']:.1%} "
           f"of dense; wrote {args.out}")
-
-
-def _run_prune_given(args: argparse.Namespace) -> None:
-    from foldgpt.pruning import parse_blocks, prune  # noqa: PLC0415
-
-    if args.method is not None or args.offload == "blocks":
-        raise FoldGPTError("--blocks names the blocks to remove: give it without --method and --offload blocks")
-    result = prune(_load(args), blocks=parse_blocks(args.blocks), out=args.out, overwrite=args.overwrite,
-                   granularity=args.granularity, **{name: getattr(args, name) for name in ("remove", "remove_ratio", "target_params", "target_flops")})
-    meta = result.metadata
-    print(f"removed the given blocks {meta['removed']} of {meta['num_blocks_before']}; parameters {meta['parameters_before']:,} -> "
-          f"{meta['parameters_after']:,} ({meta['parameters_after'] / meta['parameters_before']:.1%}); wrote {args.out}")
 
 
 def _run_prune_blockwise(args: argparse.Namespace) -> None:

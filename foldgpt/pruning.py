@@ -22,6 +22,7 @@ from foldgpt.budget import (
     model_flops_per_token,
     sublayer_budget,
 )
+from foldgpt.config import parse_ranges
 from foldgpt.data import CalibrationConfig, default_calibration, load_windows
 from foldgpt.distributed import is_main_process
 from foldgpt.errors import FoldGPTError
@@ -76,14 +77,17 @@ def prune(
     reproduce a set a paper or another tool reports, or to compare sets on equal terms.
     """
     if blocks is not None:
-        return _prune_given(loaded, list(blocks), out, overwrite, remove, remove_ratio, target_params, target_flops, granularity)
-    if method not in METHODS:
+        if any(value is not None for value in (remove, remove_ratio, target_params, target_flops)) or granularity != "block":
+            raise FoldGPTError("--blocks names the blocks to remove: give it without --remove, --remove-ratio, --target-params, "
+                               "--target-flops and --granularity sublayer")
+        method = "given"
+    elif method not in METHODS:
         raise FoldGPTError(f"unknown method '{method}'; choose one of {', '.join(sorted(METHODS))}")
     if granularity not in GRANULARITIES:
         raise FoldGPTError(f"unknown granularity '{granularity}'; choose one of {', '.join(GRANULARITIES)}")
     if granularity == "sublayer" and method != "gates":
         raise FoldGPTError(f"--granularity sublayer needs --method gates (method '{method}' scores whole blocks)")
-    calibration = calibration or default_calibration(method)
+    calibration = None if blocks is not None else calibration or default_calibration(method)
     model = loaded.model
     if getattr(model.config, "foldgpt_sharing", None) or hasattr(model, "get_base_model"):
         raise FoldGPTError(f"'{loaded.source}' is folded or healed; remove blocks first, then fold (prune the unfolded model)")
@@ -93,20 +97,24 @@ def prune(
     if granularity == "sublayer":
         check_sublayer_removal_supported(model)
         costs, needed = sublayer_budget(model, target)
-    else:
+    elif blocks is None:
         n_remove = blocks_to_remove(model, target)
     parameters_before = count_parameters(model)
     flops_before = model_flops_per_token(model, target.flops_context)
     start = time.perf_counter()
-    windows = load_windows(loaded.tokenizer, calibration.data, calibration.nsamples, calibration.seqlen, calibration.seed)
-    if granularity == "sublayer":
-        select = select_sublayers_by_gates_with(gate_config or GateConfig(), costs, needed)
-        selection = select_blocks_with(select, "gates", model, windows, 0, calibration.seed)
+    if calibration is None:  # blocks given
+        selection = given_selection(list(blocks or ()), num_blocks)
         n_remove = len(selection.removed)
-    elif method == "gates" and gate_config is not None:
-        selection = select_blocks_with(select_by_gates_with(gate_config), "gates", model, windows, n_remove, calibration.seed)
     else:
-        selection = select_blocks(method, model, windows, n_remove, calibration.seed)
+        windows = load_windows(loaded.tokenizer, calibration.data, calibration.nsamples, calibration.seqlen, calibration.seed)
+        if granularity == "sublayer":
+            select = select_sublayers_by_gates_with(gate_config or GateConfig(), costs, needed)
+            selection = select_blocks_with(select, "gates", model, windows, 0, calibration.seed)
+            n_remove = len(selection.removed)
+        elif method == "gates" and gate_config is not None:
+            selection = select_blocks_with(select_by_gates_with(gate_config), "gates", model, windows, n_remove, calibration.seed)
+        else:
+            selection = select_blocks(method, model, windows, n_remove, calibration.seed)
     saved_sublayers = _remove(model, selection, num_blocks)
     parameters_after = count_parameters(model) - _branch_total(model, saved_sublayers, lambda block, branch: branch_parameters(model, block, branch))
     flops_after = model_flops_per_token(model, target.flops_context) - _branch_total(
@@ -122,10 +130,10 @@ def prune(
         "removed_original": _in_original_numbering(loaded.source, selection.removed, num_blocks),
         "scores": selection.scores,
         "details": selection.details,
-        "calibration": vars(calibration),
+        "calibration": None if calibration is None else vars(calibration),
         "parameters_before": parameters_before,
         "parameters_after": parameters_after,
-        "target": {name: getattr(target, name) for name in target.given()},
+        "target": {"blocks": selection.removed} if blocks is not None else {name: getattr(target, name) for name in target.given()},
         "flops_per_token_before": flops_before,
         "flops_per_token_after": flops_after,
         "flops_context": target.flops_context,
@@ -174,62 +182,16 @@ def _branch_total(model, saved: dict[str, list[int]], cost) -> int:
 
 def parse_blocks(text: str) -> list[int]:
     """Block indices from ``"4,5,14,26"`` or ``"13-18"`` or a mix (``--blocks``)."""
-    blocks: list[int] = []
-    for part in (piece.strip() for piece in text.split(",")):
-        first, _, last = part.partition("-")
-        try:
-            start, end = int(first), int(last or first)
-        except ValueError:
-            raise FoldGPTError(f"--blocks: '{part}' is not a block like 4 or a range like 13-18") from None
-        if end < start:
-            raise FoldGPTError(f"--blocks: range '{part}' runs backwards; write it as {end}-{start}")
-        blocks.extend(range(start, end + 1))
-    return blocks
+    return [block for blocks in parse_ranges(text, "--blocks") for block in blocks]
 
 
-def _prune_given(
-    loaded: LoadedModel, blocks: list[int], out: str | Path | None, overwrite: bool, *targets: object
-) -> PruneResult:
-    """``prune(blocks=...)``: remove exactly ``blocks`` (input numbering) and save as every method does."""
-    if any(target is not None for target in targets[:4]) or targets[4] != "block":
-        raise FoldGPTError("--blocks names the blocks to remove: give it without --remove, --remove-ratio, --target-params, "
-                           "--target-flops and --granularity sublayer")
-    model = loaded.model
-    if getattr(model.config, "foldgpt_sharing", None) or hasattr(model, "get_base_model"):
-        raise FoldGPTError(f"'{loaded.source}' is folded or healed; remove blocks first, then fold (prune the unfolded model)")
-    refuse_removed_sublayers(model, "pruning")
-    num_blocks = len(adapter_for(model).layers(model))
+def given_selection(blocks: list[int], num_blocks: int) -> Selection:
+    """``prune(blocks=...)``'s selection: exactly ``blocks`` (input numbering), checked against the model's depth."""
     wrong = [block for block in blocks if not 0 <= block < num_blocks]
     if wrong or len(set(blocks)) != len(blocks) or not 0 < len(blocks) < num_blocks:
         raise FoldGPTError(f"--blocks {','.join(map(str, blocks))}: give distinct blocks between 0 and {num_blocks - 1}, "
                            f"at least one and fewer than all {num_blocks}")
-    parameters_before, flops_before = count_parameters(model), model_flops_per_token(model, RemovalTarget().flops_context)
-    selection = Selection(method="given", removed=sorted(blocks))
-    _remove(model, selection, num_blocks)
-    metadata = {
-        "foldgpt_version": __version__,
-        "stage": "prune",
-        "source_model": loaded.source,
-        "method": "given",
-        "num_blocks_before": num_blocks,
-        "num_blocks_after": num_blocks - len(blocks),
-        "removed": selection.removed,
-        "removed_original": _in_original_numbering(loaded.source, selection.removed, num_blocks),
-        "scores": None,
-        "details": {},
-        "parameters_before": parameters_before,
-        "parameters_after": count_parameters(model),
-        "target": {"blocks": selection.removed},
-        "flops_per_token_before": flops_before,
-        "flops_per_token_after": model_flops_per_token(model, RemovalTarget().flops_context),
-        "flops_context": RemovalTarget().flops_context,
-        "selection_seconds": 0.0,
-        "total_seconds": 0.0,
-    }
-    if out is not None and is_main_process():
-        with atomic_output_dir(Path(out), overwrite) as folder:
-            save_plain_model(model, loaded.tokenizer, folder, metadata)
-    return PruneResult(selection=selection, loaded=loaded, metadata=metadata)
+    return Selection(method="given", removed=sorted(blocks))
 
 
 def _in_original_numbering(source: str, removed: list[int], num_blocks: int) -> list[int]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from torch import nn
 from transformers import PreTrainedModel
 
+from foldgpt.config import parse_ranges
 from foldgpt.errors import FoldGPTError
 from foldgpt.models import adapter_for
 from foldgpt.models.adapters import LINEAR_TYPES
@@ -46,16 +47,7 @@ def contiguous_groups(num_blocks: int, group_size: int) -> list[list[int]]:
 
 def parse_groups(text: str, num_blocks: int) -> list[list[int]]:
     """Groups from ``"0-3,4-5,6"``: ranges of block positions that must cover ``0..num_blocks-1`` in order."""
-    groups: list[list[int]] = []
-    for part in (piece.strip() for piece in text.split(",")):
-        try:
-            first, _, last = part.partition("-")
-            start, end = int(first), int(last or first)
-        except ValueError:
-            raise FoldGPTError(f"--groups: '{part}' is not a range like 4-7 or a single block like 8") from None
-        if end < start:
-            raise FoldGPTError(f"--groups: range '{part}' runs backwards; write it as {end}-{start}")
-        groups.append(list(range(start, end + 1)))
+    groups = parse_ranges(text, "--groups")
     validate_groups(groups, num_blocks)
     return groups
 
