@@ -25,6 +25,7 @@ import yaml
 from foldgpt.analysis import analyze, write_analysis
 from foldgpt.artifacts import METADATA_FILE, atomic_output_dir, write_json_atomic
 from foldgpt.errors import FoldGPTError
+from foldgpt.importance.gates import GateConfig
 from foldgpt.models import load_model
 from foldgpt.models.compact import save_compact
 from foldgpt.models.loading import LoadedModel
@@ -48,7 +49,7 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
 STAGES = tuple(STAGE_SETTINGS)
 # settings added after runs were first written: left out of a stage's key while at these defaults, so that a run
 # finished before they existed (with what is their default now) is not redone after an upgrade
-LATER_SETTINGS: dict[str, Any] = {"gate_lora_rank": 0, "gate_lora_lr": 5e-3}
+LATER_SETTINGS: dict[str, Any] = {"gate_lora_rank": GateConfig.lora_rank, "gate_lora_lr": GateConfig.lora_lr}
 
 
 @dataclass
@@ -229,9 +230,7 @@ def _calibration(settings: dict[str, Any]):
     return CalibrationConfig(data=settings["calibration"], nsamples=settings["nsamples"], seqlen=settings["seqlen"], seed=settings["seed"])
 
 
-def _gate_config(settings: dict[str, Any]):
-    from foldgpt.importance.gates import GateConfig  # noqa: PLC0415
-
+def _gate_config(settings: dict[str, Any]) -> GateConfig:
     return GateConfig.from_settings(settings)
 
 
