@@ -61,7 +61,7 @@ from foldgpt.distributed import DataParallel
 from foldgpt.errors import FoldGPTError
 from foldgpt.importance.gates import activation_checkpointing, distillation_loss, next_token_loss
 from foldgpt.models import adapter_for
-from foldgpt.models.adapters import LINEAR_TYPES
+from foldgpt.models.adapters import linear_layers_by_name
 from foldgpt.models.loading import LoadedModel
 
 LOSS_TERMS = ("kl", "tail", "lm")
@@ -253,7 +253,7 @@ def add_lora(model: PreTrainedModel, config: HealConfig) -> nn.Module:
     from peft import LoraConfig, get_peft_model  # noqa: PLC0415
 
     targets = lora_targets(model, config)
-    linear = {name.rsplit(".", 1)[-1]: module for name, module in model.named_modules() if isinstance(module, LINEAR_TYPES)}
+    linear = linear_layers_by_name(model)
     missing = [name for name in targets if name not in linear]
     if missing:
         raise FoldGPTError(

@@ -43,7 +43,7 @@ from foldgpt.distributed import DataParallel
 from foldgpt.errors import FoldGPTError
 from foldgpt.importance.base import Selection, SelectionMethod, register
 from foldgpt.models import adapter_for
-from foldgpt.models.adapters import LINEAR_TYPES
+from foldgpt.models.adapters import LINEAR_TYPES, linear_layers_by_name
 from foldgpt.sublayers import BRANCHES, check_sublayer_removal_supported
 
 LOSSES = ("kl", "lm")
@@ -453,7 +453,7 @@ def compensating_lora(model: PreTrainedModel, rank: int, seed: int) -> Iterator[
     from transformers.pytorch_utils import Conv1D  # noqa: PLC0415
 
     targets = adapter_for(model).lora_targets
-    linear = {name.rsplit(".", 1)[-1]: module for name, module in model.named_modules() if isinstance(module, LINEAR_TYPES)}
+    linear = linear_layers_by_name(model)
     had_peft_config = "peft_config" in vars(model)
     torch.manual_seed(seed)  # LoRA's A matrices are initialised at random
     config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), bias="none",  # type: ignore[arg-type]

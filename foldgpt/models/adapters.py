@@ -19,6 +19,12 @@ from foldgpt.errors import FoldGPTError
 LINEAR_TYPES = (nn.Linear, Conv1D)
 """The projection layers inside a block: ``nn.Linear``, and GPT-2's ``Conv1D`` (the same map, weight stored transposed)."""
 
+
+def linear_layers_by_name(model: nn.Module) -> dict[str, nn.Module]:
+    """One projection layer of ``model`` per attribute name (``q_proj``, ``c_attn``, ...): what LoRA's
+    ``target_modules`` name, and whether they are ``Conv1D`` (peft's ``fan_in_fan_out``)."""
+    return {name.rsplit(".", 1)[-1]: module for name, module in model.named_modules() if isinstance(module, LINEAR_TYPES)}
+
 _LLAMA_NORMS = ("input_layernorm", "post_attention_layernorm")
 _GEMMA_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
 _LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
