@@ -95,11 +95,12 @@ def heal_config(args: argparse.Namespace, loss_set: str, work: Path) -> HealConf
 
 
 def teacher_cache_folder(args: argparse.Namespace, work: Path) -> Path:
-    """One cache per seed and window length: they choose the windows, and a cache is refused for other windows (a larger
+    """One cache per data set, seed and window length: they choose the windows, and a cache is refused for other windows (a larger
     budget only adds windows to the cache)."""
-    if args.seed == 0 and args.seqlen == 256:
+    if args.seed == 0 and args.seqlen == 256 and args.data == "alpaca":
         return work / "teacher-cache"
-    return work / (f"teacher-cache-seed{args.seed}" + (f"-seqlen{args.seqlen}" if args.seqlen != 256 else ""))
+    return work / (f"teacher-cache-seed{args.seed}" + (f"-seqlen{args.seqlen}" if args.seqlen != 256 else "")
+                   + (f"-{args.data}" if args.data != "alpaca" else ""))
 
 
 def throughput(student, teacher, args: argparse.Namespace) -> dict:

@@ -91,6 +91,7 @@ def main() -> None:
                                                windows, n_remove, args.seed)
             else:
                 selection = select_blocks(method, dense.model, windows, n_remove, args.seed)
+            if method != "sleb":
                 removed, seconds = selection.removed, selection.seconds
             model = remove_blocks(copy.deepcopy(dense.model), removed)
             start = time.perf_counter()
