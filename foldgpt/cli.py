@@ -124,6 +124,7 @@ def _targets(args: argparse.Namespace) -> dict:
 
 def _add_gate_options(parser: argparse.ArgumentParser) -> None:
     from foldgpt.importance.gates import GateConfig  # noqa: PLC0415
+    from foldgpt.importance.probe import ProbeConfig  # noqa: PLC0415
 
     defaults = GateConfig()
     group = parser.add_argument_group("gate training (--method gates)")
@@ -158,6 +159,20 @@ def _add_gate_options(parser: argparse.ArgumentParser) -> None:
                        f"for close (default: {defaults.lora_rank}; 0 = off)")
     group.add_argument("--gate-lora-lr", type=float, default=defaults.lora_lr,
                        help=f"learning rate of those adapters (default: {defaults.lora_lr})")
+    probe = ProbeConfig()
+    group.add_argument("--gate-probe-sets", type=int, default=probe.sets,
+                       help="healing probes: heal K sets near the gates' pick (see --gate-probe-screen) for --gate-probe-steps "
+                       "steps each and remove the one that heals best (perplexity on held-out calibration text); costs K "
+                       "short heals "
+                       f"(default: {probe.sets}; 0 = off: remove the gates' pick)")
+    group.add_argument("--gate-probe-screen", type=int, default=probe.screen,
+                       help="the probes heal the K best of this many sets nearest the gates' pick, screened by held-out "
+                       f"perplexity without healing (default: {probe.screen})")
+    group.add_argument("--gate-probe-steps", type=positive_int, default=probe.steps,
+                       help=f"healing steps of {probe.seqlen} Alpaca tokens per probe (default: {probe.steps})")
+    group.add_argument("--gate-probe-pool", type=int, default=probe.pool,
+                       help="the candidates draw from the N + this many lowest gates, N = blocks to remove "
+                       f"(default: {probe.pool})")
     group.add_argument("--gate-t", type=float, default=defaults.t, help=f"the regulariser's pull towards 0, t (default: {defaults.t})")
     group.add_argument("--gate-loss", choices=("kl", "lm"), default=defaults.loss,
                        help="kl: KL(dense model || gated model) on logits; lm: next-token loss (default: kl)")
@@ -172,6 +187,12 @@ def _gate_config(args: argparse.Namespace):
     from foldgpt.importance.gates import GateConfig  # noqa: PLC0415
 
     return GateConfig.from_settings(vars(args))
+
+
+def _probe_config(args: argparse.Namespace):
+    from foldgpt.importance.probe import ProbeConfig  # noqa: PLC0415
+
+    return ProbeConfig.from_settings(vars(args))
 
 
 def _add_sharing_options(parser: argparse.ArgumentParser, *, required: bool) -> None:
@@ -377,6 +398,8 @@ def run_prune(args: argparse.Namespace) -> None:
         raise FoldGPTError("prune needs --method M and a target (--remove N, ...), or --blocks SPEC")
     if blocks is None and all(value is None for value in _targets(args).values()):
         raise FoldGPTError("prune needs one target: --remove N, --remove-ratio R, --target-params F or --target-flops F")
+    if args.offload == "blocks" and args.gate_probe_sets:
+        raise FoldGPTError("--gate-probe-sets needs the model in memory (it heals copies of it); drop --offload blocks")
     if args.offload == "blocks":
         _run_prune_blockwise(args)
         return
@@ -385,7 +408,8 @@ def run_prune(args: argparse.Namespace) -> None:
         raise FoldGPTError(f"--granularity sublayer needs --method gates (method '{args.method}' scores whole blocks)")
     main_process = is_main_process()  # torchrun / accelerate launch (--method gates): rank 0 writes
     result = prune(_load(args), args.method, calibration=_calibration(args), out=args.out, overwrite=args.overwrite,
-                   gate_config=gate_config, granularity=args.granularity, blocks=blocks, **_targets(args))
+                   gate_config=gate_config, granularity=args.granularity, blocks=blocks, probe=_probe_config(args),
+                   **_targets(args))
     if not main_process:
         return
     meta = result.metadata

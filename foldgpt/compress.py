@@ -26,6 +26,7 @@ from foldgpt.analysis import analyze, write_analysis
 from foldgpt.artifacts import METADATA_FILE, atomic_output_dir, write_json_atomic
 from foldgpt.errors import FoldGPTError
 from foldgpt.importance.gates import GateConfig
+from foldgpt.importance.probe import ProbeConfig
 from foldgpt.models import load_model
 from foldgpt.models.compact import save_compact
 from foldgpt.models.loading import LoadedModel
@@ -49,7 +50,9 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
 STAGES = tuple(STAGE_SETTINGS)
 # settings added after runs were first written: left out of a stage's key while at these defaults, so that a run
 # finished before they existed (with what is their default now) is not redone after an upgrade
-LATER_SETTINGS: dict[str, Any] = {"gate_lora_rank": GateConfig.lora_rank, "gate_lora_lr": GateConfig.lora_lr}
+LATER_SETTINGS: dict[str, Any] = {"gate_lora_rank": GateConfig.lora_rank, "gate_lora_lr": GateConfig.lora_lr,
+                                  "gate_probe_sets": ProbeConfig.sets, "gate_probe_screen": ProbeConfig.screen, "gate_probe_steps": ProbeConfig.steps,
+                                  "gate_probe_pool": ProbeConfig.pool}
 
 
 @dataclass
@@ -201,8 +204,9 @@ def _prune_into(folder: Path, settings: dict[str, Any]) -> dict:
         targets = {"remove": blocks_to_remove_with_sharing(loaded.model, targets["target_params"], settings["group_size"])}
     # prune writes the folder (atomically, manifest included) as 'foldgpt prune' does: the model it returns may no longer
     # be savable as the plain folder (removed sub-layers become weightless ZeroBranch-es after saving)
+    probe = ProbeConfig.from_settings(settings) if settings["method"] == "gates" else None
     result = prune(loaded, settings["method"], calibration=_calibration(settings), gate_config=_gate_config(settings),
-                   out=folder, overwrite=True, **targets)
+                   out=folder, overwrite=True, probe=probe, **targets)
     return {"removed": result.metadata["removed"]}
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from foldgpt import __version__
@@ -29,6 +29,7 @@ from foldgpt.errors import FoldGPTError
 from foldgpt.importance import METHODS, Selection, select_blocks
 from foldgpt.importance.base import select_blocks_with
 from foldgpt.importance.gates import GRANULARITIES, GateConfig, select_by_gates_with, select_sublayers_by_gates_with
+from foldgpt.importance.probe import ProbeConfig, choose_by_probe
 from foldgpt.models import adapter_for
 from foldgpt.models.loading import LoadedModel
 from foldgpt.plotting import plot_gate_history, plot_sublayer_gate_history
@@ -65,6 +66,7 @@ def prune(
     target_flops: float | None = None,
     granularity: str = "block",
     blocks: Sequence[int] | None = None,
+    probe: ProbeConfig | None = None,
 ) -> PruneResult:
     """Remove blocks from ``loaded.model`` in place with ``method``; save a plain HF folder to ``out`` if given.
 
@@ -75,6 +77,9 @@ def prune(
 
     ``blocks`` removes exactly those blocks instead (method ``"given"``, no calibration data, no other target): to
     reproduce a set a paper or another tool reports, or to compare sets on equal terms.
+
+    ``probe`` with ``sets > 0`` (gates, whole blocks) heals the ``sets`` sets nearest the gates' pick briefly and keeps
+    the one that heals best (``foldgpt.importance.probe``); the probes are recorded under ``details["probe"]``.
     """
     if blocks is not None:
         if any(value is not None for value in (remove, remove_ratio, target_params, target_flops)) or granularity != "block":
@@ -87,6 +92,9 @@ def prune(
         raise FoldGPTError(f"unknown granularity '{granularity}'; choose one of {', '.join(GRANULARITIES)}")
     if granularity == "sublayer" and method != "gates":
         raise FoldGPTError(f"--granularity sublayer needs --method gates (method '{method}' scores whole blocks)")
+    probing = probe is not None and probe.sets > 0
+    if probing and (method != "gates" or granularity != "block"):
+        raise FoldGPTError("--gate-probe-sets needs --method gates with whole blocks (it probes sets near the gates' pick)")
     calibration = None if blocks is not None else calibration or default_calibration(method)
     model = loaded.model
     if getattr(model.config, "foldgpt_sharing", None) or hasattr(model, "get_base_model"):
@@ -115,6 +123,8 @@ def prune(
             selection = select_blocks_with(select_by_gates_with(gate_config), "gates", model, windows, n_remove, calibration.seed)
         else:
             selection = select_blocks(method, model, windows, n_remove, calibration.seed)
+        if probing and probe is not None:
+            selection = _probed(loaded, selection, n_remove, probe)
     saved_sublayers = _remove(model, selection, num_blocks)
     parameters_after = count_parameters(model) - _branch_total(model, saved_sublayers, lambda block, branch: branch_parameters(model, block, branch))
     flops_after = model_flops_per_token(model, target.flops_context) - _branch_total(
@@ -159,6 +169,17 @@ def prune(
                      run_steps=selection.details["hyperparameters"]["steps"])
     drop_removed_sublayers(model)  # in memory as foldgpt.load gives the folder back: removed branches hold no weights
     return PruneResult(selection=selection, loaded=loaded, metadata=metadata)
+
+
+def _probed(loaded: LoadedModel, selection: Selection, n_remove: int, probe: ProbeConfig) -> Selection:
+    """``selection`` with the set its healing probes chose (``loaded`` is still the dense model here)."""
+    if selection.scores is None:
+        raise FoldGPTError(f"method '{selection.method}' gives no per-block scores to draw probe candidates from")
+    start = time.perf_counter()
+    outcome = choose_by_probe(loaded, selection.scores, n_remove, probe)
+    details = {**selection.details, "probe": {**outcome, "seconds": time.perf_counter() - start}}
+    return replace(selection, removed=outcome["chosen"], details=details,
+                   seconds=selection.seconds + time.perf_counter() - start)
 
 
 def _remove(model, selection: Selection, num_blocks: int) -> dict[str, list[int]]:

@@ -1,0 +1,136 @@
+"""Healing probes: choose among near-tied removal sets by how well each *heals*, not by its damage before healing.
+
+Why: on SmolLM2-135M the gates' set for 6 blocks (4 5 13 14 25 26) is the lowest-perplexity set before healing, yet
+Block Influence's (12 13 14 17 25 26) ends lower after the same healing, on Alpaca and on in-domain text alike (README,
+"Window length, budget and seed"). Gates rank blocks by the damage their removal does to the frozen model; what a
+user ships is the healed model. A probe asks the healed question directly, on a small scale: each candidate set is
+removed from a copy of the dense model, healed for the first ``steps`` steps of the default heal (``HealConfig``:
+LoRA + norms, KL + tail + LM on Alpaca), and scored by perplexity on held-out calibration-domain text (the first
+``eval_tokens`` tokens of ``eval_data``'s calibration split; never a test split). The lowest wins.
+
+Two stages keep it affordable. The ``screen`` subsets of ``n_remove`` blocks with the smallest summed scores (gate
+values), drawn from the ``n_remove + pool`` lowest-scored blocks (the gates' own pick first, then the sets that swap
+in the next-closest blocks), are each scored on the held-out windows without healing (one forward pass per window);
+the ``sets`` best of them are healed briefly and the lowest after healing wins. The teacher's outputs are computed
+once and shared by every healed candidate (a temporary cache). Cost: ``screen`` evaluations plus ``sets`` short heals
+of ``steps * seqlen`` tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import heapq
+import itertools
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from foldgpt.data import evaluation_windows, load_text, tokenize
+from foldgpt.errors import FoldGPTError
+from foldgpt.evaluation import windows_perplexity
+from foldgpt.models.loading import LoadedModel
+from foldgpt.removal import remove_blocks
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """How many candidate sets to probe (0 = off: keep the method's own set) and how long and where to probe them.
+
+    Defaults measured on SmolLM2-135M (README, "Choosing the set by a healing probe"): 8 steps of 1,024 tokens already
+    order the 6-block sets of the gates and of Block Influence the way the full 25-step heal does.
+    """
+
+    sets: int = 0
+    screen: int = 24
+    pool: int = 3
+    steps: int = 8
+    seqlen: int = 1024
+    data: str = "alpaca"
+    eval_data: str = "wikitext2"
+    eval_tokens: int = 8192
+    seed: int = 0
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> ProbeConfig:
+        """The config of CLI / ``compress`` settings: ``--gate-probe-sets`` is ``settings["gate_probe_sets"]``, ..."""
+        return cls(sets=settings["gate_probe_sets"], screen=settings["gate_probe_screen"], steps=settings["gate_probe_steps"],
+                   pool=settings["gate_probe_pool"])
+
+    def __post_init__(self) -> None:
+        for name in ("sets", "screen", "pool"):
+            if getattr(self, name) < 0:
+                raise FoldGPTError(f"healing probes need {name} >= 0, got {getattr(self, name)}")
+        for name in ("steps", "seqlen"):
+            if getattr(self, name) < 1:
+                raise FoldGPTError(f"healing probes need {name} >= 1, got {getattr(self, name)}")
+        if self.eval_tokens < self.seqlen:
+            raise FoldGPTError(f"healing probes score at least one window: eval_tokens ({self.eval_tokens}) must be >= "
+                               f"seqlen ({self.seqlen})")
+
+
+def candidate_sets(scores: Sequence[float], n_remove: int, count: int, pool: int) -> list[list[int]]:
+    """The ``count`` sets of ``n_remove`` blocks with the smallest summed ``scores``, drawn from the ``n_remove +
+    pool`` lowest-scored blocks (ties: the earlier block); the first is the plain lowest-``n_remove`` set."""
+    if not 0 < n_remove < len(scores):
+        raise FoldGPTError(f"cannot choose {n_remove} of {len(scores)} blocks")
+    order = sorted(range(len(scores)), key=lambda i: (scores[i], i))
+    members = order[: min(len(scores) - 1, n_remove + pool)]
+    combos = itertools.combinations(members, n_remove)
+    ranked = heapq.nsmallest(max(count, 1), combos, key=lambda combo: (sum(scores[i] for i in combo), sorted(combo)))
+    return [sorted(combo) for combo in ranked]
+
+
+def heldout_windows(dense: LoadedModel, config: ProbeConfig) -> torch.Tensor:
+    """The first ``eval_tokens`` tokens of ``eval_data``'s calibration split, in windows of ``seqlen``."""
+    text = load_text(config.eval_data, "calibration")
+    return evaluation_windows(tokenize(dense.tokenizer, text), config.seqlen, config.eval_tokens)
+
+
+def without(dense: LoadedModel, removed: list[int]) -> LoadedModel:
+    """A copy of ``dense`` with ``removed`` taken out (the dense model stays whole: it is the teacher)."""
+    return LoadedModel(model=remove_blocks(copy.deepcopy(dense.model), removed), tokenizer=dense.tokenizer,
+                       source=dense.source)
+
+
+def screen_sets(dense: LoadedModel, candidates: list[list[int]], windows: torch.Tensor) -> list[dict]:
+    """Each candidate's perplexity on ``windows`` without healing: ``{"removed", "ppl_before"}``."""
+    records = []
+    for removed in tqdm(candidates, desc="screening sets", leave=False):
+        student = without(dense, removed)
+        records.append({"removed": removed, "ppl_before": windows_perplexity(student.model, windows, progress=False)})
+        del student
+    return records
+
+
+def probe_sets(dense: LoadedModel, records: list[dict], windows: torch.Tensor, config: ProbeConfig) -> list[dict]:
+    """Heal each screened candidate briefly from a copy of ``dense`` (the teacher too); ``records`` with
+    ``"ppl_after"`` (perplexity on ``windows`` after the probe) added."""
+    from foldgpt.healing import HealConfig, heal  # noqa: PLC0415 (healing imports the model stack: load it only to probe)
+
+    probed = []
+    with tempfile.TemporaryDirectory(prefix="foldgpt-probe-") as cache:
+        heal_config = HealConfig(data=config.data, steps=config.steps, seqlen=config.seqlen, seed=config.seed,
+                                 checkpoint_every=0, teacher_cache=str(Path(cache) / "teacher"))
+        for record in tqdm(records, desc="healing probes", leave=False):
+            healed = heal(without(dense, record["removed"]), dense, heal_config).loaded
+            probed.append({**record, "ppl_after": windows_perplexity(healed.model, windows, progress=False)})
+            del healed
+    return probed
+
+
+def choose_by_probe(dense: LoadedModel, scores: Sequence[float], n_remove: int, config: ProbeConfig) -> dict:
+    """Screen and probe the candidates of ``scores``; ``{"chosen", "first", "screened", "candidates", "config"}``
+    for ``foldgpt.json`` (``first``: the plain lowest-score set; ``candidates``: the healed ones)."""
+    windows = heldout_windows(dense, config)
+    candidates = candidate_sets(scores, n_remove, max(config.screen, config.sets), config.pool)
+    screened = screen_sets(dense, candidates, windows)
+    best_screened = sorted(screened, key=lambda record: record["ppl_before"])[: config.sets]
+    probed = probe_sets(dense, best_screened, windows, config)
+    best = min(probed, key=lambda record: record["ppl_after"])
+    return {"chosen": best["removed"], "first": candidates[0], "screened": screened, "candidates": probed,
+            "config": asdict(config)}
