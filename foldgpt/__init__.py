@@ -23,6 +23,7 @@ from foldgpt.errors import FoldGPTError
 from foldgpt.evaluation import PerplexityResult, perplexity
 from foldgpt.folding import FoldResult, export_plain, fold_model
 from foldgpt.healing import HealConfig, HealResult, heal
+from foldgpt.importance.probe import ProbeConfig
 from foldgpt.lm_tasks import TaskResults, evaluate_tasks
 from foldgpt.models.loading import LoadedModel, load_model
 from foldgpt.pruning import PruneResult, prune
@@ -40,6 +41,7 @@ __all__ = [
     "HealResult",
     "LoadedModel",
     "PerplexityResult",
+    "ProbeConfig",
     "PruneResult",
     "RedundancyStats",
     "TaskResults",
