@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=2 python benchmarks/heal_probe.py --set gates6=4,5,13,14,25,26 --set bi6=12-14,17,25,26 --steps 8
 
-Each ``--set NAME=BLOCKS`` is removed from the dense model (``prune(blocks=...)``), healed for ``--steps`` steps of
+Each ``--set NAME=BLOCKS`` is removed from a copy of the dense model (``foldgpt.importance.probe.without``), healed for ``--steps`` steps of
 ``--seqlen`` Alpaca tokens (the healing defaults otherwise: KL + tail + LM, LoRA rank 8), and scored before and after
 on held-out *calibration-domain* text: the first ``--probe-tokens`` tokens of the WikiText-2 validation split in
 windows of ``--seqlen`` (never the test split, so a probe may be used to choose a set). The question it answers:
@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 import foldgpt
-from foldgpt.config import parse_ranges
-from foldgpt.data import evaluation_windows, load_text, tokenize
 from foldgpt.evaluation import windows_perplexity
 from foldgpt.healing import HealConfig, heal
+from foldgpt.importance.probe import ProbeConfig, heldout_windows, without
+from foldgpt.pruning import parse_blocks
 
 
 def validation_ppl(loaded, windows: torch.Tensor) -> float:
@@ -52,8 +51,7 @@ def main() -> None:
     if results.get("settings") != settings:
         results = {"settings": settings, "threads": torch.get_num_threads(), "sets": {}}
     teacher = foldgpt.load(args.model)
-    windows = evaluation_windows(tokenize(teacher.tokenizer, load_text("wikitext2", "calibration")), args.seqlen,
-                                 args.probe_tokens)
+    windows = heldout_windows(teacher, ProbeConfig(seqlen=args.seqlen, eval_tokens=args.probe_tokens))
     if "dense" not in results:
         results["dense"] = validation_ppl(teacher, windows)
     config = HealConfig(steps=args.steps, seqlen=args.seqlen, seed=args.seed, eval_windows=4, checkpoint_every=0,
@@ -62,15 +60,13 @@ def main() -> None:
         name, blocks_spec = spec.split("=", 1)
         if name in results["sets"]:
             continue
-        blocks = sorted(b for part in parse_ranges(blocks_spec, "--set") for b in part)
-        with tempfile.TemporaryDirectory() as folder:
-            foldgpt.prune(foldgpt.load(args.model), blocks=blocks, out=Path(folder) / "student")
-            student = foldgpt.load(str(Path(folder) / "student"))
-            before = validation_ppl(student, windows)
-            start = time.perf_counter()
-            result = heal(student, teacher, config)
-            seconds = time.perf_counter() - start
-            after = validation_ppl(result.loaded, windows)
+        blocks = sorted(parse_blocks(blocks_spec))
+        student = without(teacher, blocks)
+        before = validation_ppl(student, windows)
+        start = time.perf_counter()
+        result = heal(student, teacher, config)
+        seconds = time.perf_counter() - start
+        after = validation_ppl(result.loaded, windows)
         results["sets"][name] = {"blocks": blocks, "ppl_before": before, "ppl_after": after, "heal_seconds": seconds,
                                  "heldout_alpaca_after": result.evals[-1]}
         out.parent.mkdir(parents=True, exist_ok=True)

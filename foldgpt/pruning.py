@@ -92,8 +92,9 @@ def prune(
         raise FoldGPTError(f"unknown granularity '{granularity}'; choose one of {', '.join(GRANULARITIES)}")
     if granularity == "sublayer" and method != "gates":
         raise FoldGPTError(f"--granularity sublayer needs --method gates (method '{method}' scores whole blocks)")
-    probing = probe is not None and probe.sets > 0
-    if probing and (method != "gates" or granularity != "block"):
+    if probe is not None and probe.sets == 0:
+        probe = None  # off: the method's own set
+    if probe is not None and (method != "gates" or granularity != "block"):
         raise FoldGPTError("--gate-probe-sets needs --method gates with whole blocks (it probes sets near the gates' pick)")
     calibration = None if blocks is not None else calibration or default_calibration(method)
     model = loaded.model
@@ -123,7 +124,7 @@ def prune(
             selection = select_blocks_with(select_by_gates_with(gate_config), "gates", model, windows, n_remove, calibration.seed)
         else:
             selection = select_blocks(method, model, windows, n_remove, calibration.seed)
-        if probing and probe is not None:
+        if probe is not None:
             selection = _probed(loaded, selection, n_remove, probe)
     saved_sublayers = _remove(model, selection, num_blocks)
     parameters_after = count_parameters(model) - _branch_total(model, saved_sublayers, lambda block, branch: branch_parameters(model, block, branch))
@@ -177,9 +178,9 @@ def _probed(loaded: LoadedModel, selection: Selection, n_remove: int, probe: Pro
         raise FoldGPTError(f"method '{selection.method}' gives no per-block scores to draw probe candidates from")
     start = time.perf_counter()
     outcome = choose_by_probe(loaded, selection.scores, n_remove, probe)
-    details = {**selection.details, "probe": {**outcome, "seconds": time.perf_counter() - start}}
-    return replace(selection, removed=outcome["chosen"], details=details,
-                   seconds=selection.seconds + time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    details = {**selection.details, "probe": {**outcome, "seconds": seconds}}
+    return replace(selection, removed=outcome["chosen"], details=details, seconds=selection.seconds + seconds)
 
 
 def _remove(model, selection: Selection, num_blocks: int) -> dict[str, list[int]]:
