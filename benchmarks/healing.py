@@ -49,25 +49,32 @@ CASES = {"gates6": "(a) gates, 6 removed", "gates6-g2": "(b) gates, 6 removed + 
 REMOVAL_TABLE = Path("benchmarks/results/removal_methods_n64.json")
 
 
-def prepare_students(model: str, work: Path) -> dict[str, Path]:
-    """The students as folders under ``work`` (pruned once; gate training takes minutes on a CPU)."""
+def prepare_students(model: str, work: Path, needed: set[str]) -> dict[str, Path]:
+    """The ``needed`` students as folders under ``work``, each pruned once (gate training takes minutes on a CPU, so
+    a case that is not asked for is not built)."""
     folders = {name: work / name for name in CASES}
+
+    def missing(name: str) -> bool:
+        return name in needed and not (folders[name] / "config.json").is_file()
+
+    if "gates6-g2" in needed:
+        needed = needed | {"gates6"}
     for method, name in (("gates", "gates6"), ("bi", "bi6")):
-        if not (folders[name] / "config.json").is_file():  # 16 windows: prune's default when the table was measured
+        if missing(name):  # 16 windows: prune's default when the table was measured
             foldgpt.prune(foldgpt.load(model), method=method, remove=6, out=folders[name],
                           calibration=foldgpt.CalibrationConfig(nsamples=16))
-    if not (folders["gates6-g2"] / "config.json").is_file():
+    if missing("gates6-g2"):
         foldgpt.fold_model(foldgpt.load(str(folders["gates6"])), group_size=2, out=folders["gates6-g2"])
-    if not (folders["gates6-c8"] / "config.json").is_file():
+    if missing("gates6-c8"):
         foldgpt.prune(foldgpt.load(model), method="gates", remove=6, out=folders["gates6-c8"],
                       calibration=foldgpt.CalibrationConfig(nsamples=8))
-    if not (folders["gates6-now"] / "config.json").is_file():  # prune's calibration default: 64 windows for gates
+    if missing("gates6-now"):  # prune's calibration default: 64 windows for gates
         foldgpt.prune(foldgpt.load(model), method="gates", remove=6, out=folders["gates6-now"])
-    if not (folders["gates6-lora"] / "config.json").is_file():
+    if missing("gates6-lora"):
         foldgpt.prune(foldgpt.load(model), method="gates", remove=6, out=folders["gates6-lora"],
                       gate_config=GateConfig(lora_rank=8))
     for method, count in (("gates", 4), ("bi", 4), ("gates", 8), ("bi", 8)):
-        if not (folders[f"{method}{count}"] / "config.json").is_file():
+        if missing(f"{method}{count}"):
             foldgpt.prune(foldgpt.load(model), blocks=removal_table_set(method, count), out=folders[f"{method}{count}"])
     return folders
 
@@ -163,15 +170,19 @@ def main() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2) + "\n")
 
-    folders = prepare_students(args.model, work)
     extra = dict(spec.split("=", 1) for spec in args.student)
+    cases = [case for case in args.cases.split(",") if case] + list(extra)
+    ablations = set(args.ablation_cases.split(",")) if args.ablation_cases else set()
+    unknown = sorted(set(cases) - set(CASES) - set(extra))
+    if unknown:
+        raise SystemExit(f"unknown --cases {', '.join(unknown)}: choose from {', '.join(CASES)} or add --student NAME=DIR")
+    needed = set(cases) | ({"gates6-g2"} if args.throughput_steps else set())
+    folders = prepare_students(args.model, work, needed)
     folders.update({name: Path(folder) for name, folder in extra.items()})
     teacher = foldgpt.load(args.model)
     if "dense" not in results["perplexity"]:
         results["perplexity"]["dense"] = ppl(teacher, args)
         save()
-    cases = [case for case in args.cases.split(",") if case] + list(extra)
-    ablations = set(args.ablation_cases.split(",")) if args.ablation_cases else set()
     plan = [(case, "kl+tail+lm") for case in cases] + [(c, s) for c in cases if c in ablations for s in ("kl", "kl+tail")]
     for case, loss_set in plan:
         if case not in results["perplexity"]:
