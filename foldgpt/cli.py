@@ -122,7 +122,9 @@ def _targets(args: argparse.Namespace) -> dict:
     return given
 
 
-def _add_gate_options(parser: argparse.ArgumentParser) -> None:
+def _add_gate_options(parser: argparse.ArgumentParser, *, probe_sets: int | None = None) -> None:
+    """The ``--gate-*`` options; ``probe_sets`` overrides the default of ``--gate-probe-sets`` (``compress`` probes by
+    default because it heals; ``prune``'s output is judged before healing, so it does not)."""
     from foldgpt.importance.gates import GateConfig  # noqa: PLC0415
     from foldgpt.importance.probe import ProbeConfig  # noqa: PLC0415
 
@@ -159,17 +161,20 @@ def _add_gate_options(parser: argparse.ArgumentParser) -> None:
                        f"for close (default: {defaults.lora_rank}; 0 = off)")
     group.add_argument("--gate-lora-lr", type=float, default=defaults.lora_lr,
                        help=f"learning rate of those adapters (default: {defaults.lora_lr})")
-    probe = ProbeConfig()
+    probe = ProbeConfig() if probe_sets is None else ProbeConfig(sets=probe_sets)
     group.add_argument("--gate-probe-sets", type=int, default=probe.sets,
                        help="healing probes: heal K sets near the gates' pick (see --gate-probe-screen) for --gate-probe-steps "
                        "steps each and remove the one that heals best (perplexity on held-out calibration text); costs K "
-                       "short heals "
-                       f"(default: {probe.sets}; 0 = off: remove the gates' pick)")
+                       f"heals (default: {probe.sets}; 0 = off: remove the gates' pick)")
     group.add_argument("--gate-probe-screen", type=int, default=probe.screen,
                        help="the probes heal the K best of this many sets nearest the gates' pick, screened by held-out "
                        f"perplexity without healing (default: {probe.screen})")
     group.add_argument("--gate-probe-steps", type=positive_int, default=probe.steps,
-                       help=f"healing steps of {probe.seqlen} Alpaca tokens per probe (default: {probe.steps})")
+                       help=f"healing steps of {probe.seqlen} Alpaca tokens per probe (default: {probe.steps}, the "
+                       "default heal's whole budget)")
+    group.add_argument("--gate-probe-tokens", type=positive_int, default=probe.eval_tokens,
+                       help="held-out tokens (WikiText-2 validation) each probe is scored on after its heal; the screen "
+                       f"uses the first {probe.screen_tokens} (default: {probe.eval_tokens})")
     group.add_argument("--gate-probe-pool", type=int, default=probe.pool,
                        help="the candidates draw from the N + this many lowest gates, N = blocks to remove "
                        f"(default: {probe.pool})")
@@ -574,9 +579,10 @@ def add_compress_options(parser: argparse.ArgumentParser) -> None:
     removal.add_argument("--method", default="gates", choices=METHOD_NAMES, help="block-selection method (default: gates)")
     _add_targets(parser, default_remove=6)
     from foldgpt.data import GATE_CALIBRATION_WINDOWS  # noqa: PLC0415
+    from foldgpt.importance.probe import PIPELINE_PROBE_SETS  # noqa: PLC0415
 
     _add_calibration(parser, nsamples=GATE_CALIBRATION_WINDOWS)  # the gates' default (also for the analysis stage)
-    _add_gate_options(parser)
+    _add_gate_options(parser, probe_sets=PIPELINE_PROBE_SETS)
     _add_sharing_options(parser, required=False)
     _add_heal_pipeline_options(parser)
     _add_ppl(parser, seqlen=1024, max_tokens=16384, seqlen_flag="--eval-seqlen")  # --seqlen is the calibration's

@@ -50,9 +50,11 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
 STAGES = tuple(STAGE_SETTINGS)
 # settings added after runs were first written: left out of a stage's key while at these defaults, so that a run
 # finished before they existed (with what is their default now) is not redone after an upgrade
+# (the values of the release that added them, not today's defaults: a run made before with probes off must not match
+# one with today's probes on)
 LATER_SETTINGS: dict[str, Any] = {"gate_lora_rank": GateConfig.lora_rank, "gate_lora_lr": GateConfig.lora_lr,
-                                  "gate_probe_sets": ProbeConfig.sets, "gate_probe_screen": ProbeConfig.screen, "gate_probe_steps": ProbeConfig.steps,
-                                  "gate_probe_pool": ProbeConfig.pool}
+                                  "gate_probe_sets": 0, "gate_probe_screen": 24, "gate_probe_steps": 8, "gate_probe_pool": 3,
+                                  "gate_probe_tokens": 8192}
 
 
 @dataclass
@@ -72,6 +74,8 @@ def settings_for(stage: str, settings: dict[str, Any]) -> dict[str, Any]:
         prefixes = tuple(p for p in prefixes if p not in ("group_size", "groups"))
     if stage == "pruned" and settings.get("method") != "gates":  # only gate training reads these (e.g. bi skips them)
         prefixes = tuple(p for p in prefixes if p not in ("gate_", "gradient_checkpointing"))
+    if stage == "pruned" and settings.get("gate_probe_sets") == 0:  # probes off: their other settings do not matter
+        settings = {k: v for k, v in settings.items() if k == "gate_probe_sets" or not k.startswith("gate_probe_")}
     return {k: v for k, v in sorted(settings.items())
             if any(k == p or (p.endswith("_") and k.startswith(p)) for p in prefixes)
             and not (k in LATER_SETTINGS and v == LATER_SETTINGS[k])}

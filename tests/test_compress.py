@@ -31,6 +31,7 @@ def quick_options(text_file) -> dict:
         "method": "gates", "remove": 2, "gate_steps": 3, "calibration": str(text_file), "nsamples": 2, "seqlen": 32,
         "group_size": 2, "heal_steps": 2, "heal_data": str(text_file), "heal_seqlen": 32, "heal_eval_windows": 1,
         "ppl": [str(text_file)], "eval_seqlen": 64, "max_tokens": 256, "tasks": None, "efficiency": False,
+        "gate_probe_sets": 0,
     }
 
 
@@ -99,6 +100,32 @@ def test_settings_added_later_leave_a_finished_stage_valid_at_their_default():
     now = {**before, "gate_lora_rank": 0, "gate_lora_lr": 5e-3}
     assert settings_for("pruned", now) == settings_for("pruned", before)  # a run from before the option: not redone
     assert settings_for("pruned", {**now, "gate_lora_rank": 8})["gate_lora_rank"] == 8  # set: a new removal
+
+
+def test_the_pipeline_probes_by_default_and_prune_does_not(tiny_folder, text_file, tmp_path):
+    from foldgpt.cli import build_parser
+    from foldgpt.config import resolve_settings
+
+    assert resolve_settings(str(tiny_folder))["gate_probe_sets"] == 3  # compress heals: it picks its set by healing
+    assert build_parser().parse_args(["prune", "m", "--out", "o", "--remove", "1"]).gate_probe_sets == 0
+    options = {**quick_options(text_file), "group_size": 1, "gate_probe_sets": 2, "gate_probe_steps": 1,
+               "gate_probe_tokens": 64, "gate_probe_screen": 3, "gate_probe_pool": 1}
+    summary = foldgpt.compress(str(tiny_folder), tmp_path / "run", **options)
+    probe = json.loads((tmp_path / "run" / "pruned" / "foldgpt.json").read_text())["details"]["probe"]
+    assert summary["removed_blocks"] == probe["chosen"]
+    assert len(probe["screened"]) == 3 and len(probe["candidates"]) == 2
+    # the probes heal as the pipeline will: its data and window length, scored on its calibration text
+    assert probe["config"]["data"] == probe["config"]["eval_data"] == str(text_file) and probe["config"]["seqlen"] == 32
+
+
+def test_probe_settings_do_not_matter_to_a_finished_stage_while_probes_are_off():
+    from foldgpt.compress import settings_for
+
+    off = {"model": "m", "method": "gates", "remove": 6, "gate_probe_sets": 0, "gate_probe_steps": 25, "gate_probe_tokens": 32768}
+    before = {"model": "m", "method": "gates", "remove": 6}  # a run from before the probes existed
+    assert settings_for("pruned", off) == settings_for("pruned", before)
+    on = {**off, "gate_probe_sets": 3}
+    assert settings_for("pruned", on)["gate_probe_steps"] == 25 and settings_for("pruned", on) != settings_for("pruned", before)
 
 
 def test_a_run_killed_during_healing_resumes_without_redoing_earlier_stages(tiny_folder, text_file, tmp_path, monkeypatch):

@@ -7,8 +7,9 @@ import torch.nn.functional as F
 
 import foldgpt
 from foldgpt.errors import FoldGPTError
+from foldgpt.evaluation import windows_perplexity
 from foldgpt.importance.gates import GateConfig
-from foldgpt.importance.probe import ProbeConfig, candidate_sets, choose_by_probe
+from foldgpt.importance.probe import ProbeConfig, candidate_sets, choose_by_probe, heldout_windows, without
 from foldgpt.models import adapter_for
 from foldgpt.models.loading import LoadedModel
 from tiny import identity_block_model, tiny_model, tiny_tokenizer
@@ -80,6 +81,18 @@ def test_screening_heals_only_the_sets_with_the_lowest_perplexity_before_healing
     assert sorted(record["removed"] for record in outcome["screened"]) == [[1], [3], [4]]
     assert [record["removed"] for record in outcome["candidates"]] == [[3]]  # the identity block screens best
     assert outcome["chosen"] == [3]
+
+
+def test_the_screen_scores_on_the_first_screen_tokens_and_the_probes_on_all(text_file):
+    dense = LoadedModel(trained_model_with_identity_block(text_file, identity=3), tiny_tokenizer(), "dense")
+    config = probe_config(text_file, sets=1, screen=2, pool=1, eval_tokens=128, screen_tokens=32)
+    outcome = choose_by_probe(dense, [0.9, 0.1, 0.9, 0.2, 0.9, 0.9], 1, config)
+    windows = heldout_windows(dense, config)
+    assert windows.shape == (4, 32)
+    for record in outcome["screened"]:  # one window of 32 tokens, not the four
+        assert record["ppl_before"] == pytest.approx(windows_perplexity(without(dense, record["removed"]).model, windows[:1], progress=False))
+    assert outcome["screened"][0]["ppl_before"] != pytest.approx(
+        windows_perplexity(without(dense, outcome["screened"][0]["removed"]).model, windows, progress=False))
 
 
 def test_prune_removes_the_probed_set_and_records_the_probes(text_file, tmp_path):

@@ -4,16 +4,17 @@ Why: on SmolLM2-135M the gates' set for 6 blocks (4 5 13 14 25 26) is the lowest
 Block Influence's (12 13 14 17 25 26) ends lower after the same healing, on Alpaca and on in-domain text alike (README,
 "Window length, budget and seed"). Gates rank blocks by the damage their removal does to the frozen model; what a
 user ships is the healed model. A probe asks the healed question directly, on a small scale: each candidate set is
-removed from a copy of the dense model, healed for the first ``steps`` steps of the default heal (``HealConfig``:
-LoRA + norms, KL + tail + LM on Alpaca), and scored by perplexity on held-out calibration-domain text (the first
-``eval_tokens`` tokens of ``eval_data``'s calibration split; never a test split). The lowest wins.
+removed from a copy of the dense model, healed for ``steps`` steps of the default heal (``HealConfig``: LoRA + norms,
+KL + tail + LM on Alpaca; by default its whole 25-step budget), and scored by perplexity on held-out
+calibration-domain text (the first ``eval_tokens`` tokens of ``eval_data``'s calibration split; never a test split).
+The lowest wins.
 
 Two stages keep it affordable. The ``screen`` subsets of ``n_remove`` blocks with the smallest summed scores (gate
 values), drawn from the ``n_remove + pool`` lowest-scored blocks (the gates' own pick first, then the sets that swap
-in the next-closest blocks), are each scored on the held-out windows without healing (one forward pass per window);
-the ``sets`` best of them are healed briefly and the lowest after healing wins. The teacher's outputs are computed
+in the next-closest blocks), are each scored without healing on the first ``screen_tokens`` of the held-out tokens
+(one forward pass per window); the ``sets`` best of them are healed and the lowest on all ``eval_tokens`` wins. The teacher's outputs are computed
 once and shared by every healed candidate (a temporary cache). Cost: ``screen`` evaluations plus ``sets`` short heals
-of ``steps * seqlen`` tokens.
+of ``steps * seqlen`` tokens, each scored on ``eval_tokens``.
 """
 
 from __future__ import annotations
@@ -36,30 +37,44 @@ from foldgpt.evaluation import windows_perplexity
 from foldgpt.models.loading import LoadedModel
 from foldgpt.removal import remove_blocks
 
+PIPELINE_PROBE_SETS = 3
+"""``foldgpt compress``'s default ``sets``: the pipeline heals, so it picks its set by healing (``prune``'s default
+stays 0: its output is judged before healing, where the gates' own pick is the one measured best)."""
+
 
 @dataclass(frozen=True)
 class ProbeConfig:
     """How many candidate sets to probe (0 = off: keep the method's own set) and how long and where to probe them.
 
-    Defaults measured on SmolLM2-135M (README, "Choosing the set by a healing probe"): 8 steps of 1,024 tokens already
-    order the 6-block sets of the gates and of Block Influence the way the full 25-step heal does.
+    Defaults measured on SmolLM2-135M (README, "Choosing the set by a healing probe"): 8-step probes scored on 8,192
+    tokens ordered the 6-block sets right but picked a 4-block set that the full heal put last; probes of the full
+    25 steps scored on 32,768 tokens order the 4-block sets as the full heal does on the test split and keep the
+    6-block pick. The screen stays on the first 8,192 tokens (24 forward passes of 32k would cost more than the probes).
     """
 
     sets: int = 0
     screen: int = 24
     pool: int = 3
-    steps: int = 8
+    steps: int = 25
     seqlen: int = 1024
     data: str = "alpaca"
     eval_data: str = "wikitext2"
-    eval_tokens: int = 8192
+    eval_tokens: int = 32768
+    screen_tokens: int = 8192
     seed: int = 0
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> ProbeConfig:
-        """The config of CLI / ``compress`` settings: ``--gate-probe-sets`` is ``settings["gate_probe_sets"]``, ..."""
+        """The config of CLI / ``compress`` settings: ``--gate-probe-sets`` is ``settings["gate_probe_sets"]``, ...
+
+        The probes score on the calibration text's held-out split (``--calibration``), and where the settings say how
+        the model will be healed (``compress``: ``--heal-data``, ``--heal-seqlen``, ``--heal-seed``) they heal the
+        same way, so that they measure the heal that follows.
+        """
         return cls(sets=settings["gate_probe_sets"], screen=settings["gate_probe_screen"], steps=settings["gate_probe_steps"],
-                   pool=settings["gate_probe_pool"])
+                   pool=settings["gate_probe_pool"], eval_tokens=settings["gate_probe_tokens"],
+                   eval_data=settings.get("calibration") or cls.eval_data, data=settings.get("heal_data") or cls.data,
+                   seqlen=settings.get("heal_seqlen") or cls.seqlen, seed=settings.get("heal_seed", cls.seed))
 
     def __post_init__(self) -> None:
         for name in ("sets", "screen", "pool"):
@@ -68,9 +83,10 @@ class ProbeConfig:
         for name in ("steps", "seqlen"):
             if getattr(self, name) < 1:
                 raise FoldGPTError(f"healing probes need {name} >= 1, got {getattr(self, name)}")
-        if self.eval_tokens < self.seqlen:
-            raise FoldGPTError(f"healing probes score at least one window: eval_tokens ({self.eval_tokens}) must be >= "
-                               f"seqlen ({self.seqlen})")
+        for name in ("eval_tokens", "screen_tokens"):
+            if getattr(self, name) < self.seqlen:
+                raise FoldGPTError(f"healing probes score at least one window: {name} ({getattr(self, name)}) must be >= "
+                                   f"seqlen ({self.seqlen})")
 
 
 def candidate_sets(scores: Sequence[float], n_remove: int, count: int, pool: int) -> list[list[int]]:
@@ -128,7 +144,7 @@ def choose_by_probe(dense: LoadedModel, scores: Sequence[float], n_remove: int, 
     for ``foldgpt.json`` (``first``: the plain lowest-score set; ``candidates``: the healed ones)."""
     windows = heldout_windows(dense, config)
     candidates = candidate_sets(scores, n_remove, max(config.screen, config.sets), config.pool)
-    screened = screen_sets(dense, candidates, windows)
+    screened = screen_sets(dense, candidates, windows[: max(1, config.screen_tokens // config.seqlen)])
     best_screened = sorted(screened, key=lambda record: record["ppl_before"])[: config.sets]
     probed = probe_sets(dense, best_screened, windows, config)
     best = min(probed, key=lambda record: record["ppl_after"])
