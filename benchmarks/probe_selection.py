@@ -31,12 +31,14 @@ def main() -> None:
     parser.add_argument("--screen", type=int, default=defaults.screen)
     parser.add_argument("--pool", type=int, default=defaults.pool)
     parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--probe-tokens", type=int, default=defaults.eval_tokens,
+                        help="held-out tokens the healed probes are scored on (the screen: the first 8,192)")
     parser.add_argument("--out", default="benchmarks/results/probe_selection.json")
     args = parser.parse_args()
     metadata = json.loads((Path(args.gates) / "foldgpt.json").read_text())
     if metadata.get("method") != "gates":
         raise SystemExit(f"{args.gates}: not a gates selection (method {metadata.get('method')!r})")
-    config = ProbeConfig(sets=args.sets, screen=args.screen, pool=args.pool, steps=args.steps)
+    config = ProbeConfig(sets=args.sets, screen=args.screen, pool=args.pool, steps=args.steps, eval_tokens=args.probe_tokens)
     start = time.perf_counter()
     outcome = choose_by_probe(foldgpt.load(args.model), metadata["scores"], len(metadata["removed"]), config)
     outcome.update(seconds=time.perf_counter() - start, threads=torch.get_num_threads(), gates=args.gates,
