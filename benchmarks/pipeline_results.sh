@@ -13,8 +13,9 @@ FOLDGPT="${FOLDGPT_VENV:-.venv}/bin/foldgpt"
 OUT=runs/results
 mkdir -p "$OUT"
 # The table in the README was measured with the defaults of its day, pinned here so that it reproduces: 8 calibration
-# windows (now 64), one gate run (now 3 restarts), healing 100 steps of 256 tokens (now 25 of 1,024)
-then="--nsamples 8 --gate-restarts 1 --heal-steps 100 --heal-seqlen 256"
+# windows (now 64), one gate run (now 3 restarts), no healing probes (now 3 sets), healing 100 steps of 256 tokens
+# (now 25 of 1,024)
+then="--nsamples 8 --gate-restarts 1 --gate-probe-sets 0 --heal-steps 100 --heal-seqlen 256"
 runs=(
   "foldgpt-25 --method gates --target-params 0.75 $then"
   "bi-25 --method bi --target-params 0.75 $then"
