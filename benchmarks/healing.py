@@ -8,7 +8,9 @@ Students (cached under ``--work``, which is ignored by git): (a) ``gates6``: 6 b
 ((a) keeps the 16 it was measured with, although the gates' default is now 64), (e) ``gates6-now``: the gates with
 today's defaults (64 windows, ``GateConfig()``: 3 restarts), (f) ``gates6-lora``: the same with heal-aware gates
 (``GateConfig(lora_rank=8)``), (g) ``gates4`` / (h) ``bi4`` and (i) ``gates8`` / (j) ``bi8``: the 4 or 8 blocks the gates (defaults) and bi removed in the
-64-window removal table (``benchmarks/results/removal_methods_n64.json``), removed with ``prune(blocks=...)``; and any folder given as ``--student NAME=DIR``. Each is healed from the dense model
+64-window removal table (``benchmarks/results/removal_methods_n64.json``), removed with ``prune(blocks=...)``; (k)
+``gates6-probed``: the gates followed by healing probes, what ``foldgpt compress`` removes by default (gate training
+and three probe heals: about 22 minutes here); and any folder given as ``--student NAME=DIR``. Each is healed from the dense model
 on ``--data`` (Alpaca by default) for ``--tokens`` tokens with KL + tail + LM; the ``--ablation-cases`` are also
 healed with KL only and KL + tail. The teacher's outputs are cached once on disk (``--work/teacher-cache``) and shared
 by every run (the runs see the same windows).
@@ -36,6 +38,7 @@ import foldgpt
 from foldgpt.evaluation import perplexity
 from foldgpt.healing import HealConfig, heal, healing_windows
 from foldgpt.importance.gates import GateConfig
+from foldgpt.importance.probe import PIPELINE_PROBE_SETS, ProbeConfig
 
 LOSS_SETS = {"kl": (1.0, 0.0, 0.0), "kl+tail": (1.0, 1.0, 0.0), "kl+tail+lm": (1.0, 1.0, 1.0)}
 CASES = {"gates6": "(a) gates, 6 removed", "gates6-g2": "(b) gates, 6 removed + G=2 sharing", "bi6": "(c) bi, 6 removed",
@@ -45,7 +48,8 @@ CASES = {"gates6": "(a) gates, 6 removed", "gates6-g2": "(b) gates, 6 removed + 
          "gates4": "(g) gates, 4 removed (the 64-window removal table's set)",
          "bi4": "(h) bi, 4 removed (the 64-window removal table's set)",
          "gates8": "(i) gates, 8 removed (the 64-window removal table's set)",
-         "bi8": "(j) bi, 8 removed (the 64-window removal table's set)"}
+         "bi8": "(j) bi, 8 removed (the 64-window removal table's set)",
+         "gates6-probed": "(k) gates + healing probes (compress's default), 6 removed"}
 REMOVAL_TABLE = Path("benchmarks/results/removal_methods_n64.json")
 
 
@@ -73,6 +77,9 @@ def prepare_students(model: str, work: Path, needed: set[str]) -> dict[str, Path
     if missing("gates6-lora"):
         foldgpt.prune(foldgpt.load(model), method="gates", remove=6, out=folders["gates6-lora"],
                       gate_config=GateConfig(lora_rank=8))
+    if missing("gates6-probed"):  # what `foldgpt compress` removes by default: the gates, then 3 healing probes
+        foldgpt.prune(foldgpt.load(model), method="gates", remove=6, out=folders["gates6-probed"],
+                      probe=ProbeConfig(sets=PIPELINE_PROBE_SETS))
     for method, count in (("gates", 4), ("bi", 4), ("gates", 8), ("bi", 8)):
         if missing(f"{method}{count}"):
             foldgpt.prune(foldgpt.load(model), blocks=removal_table_set(method, count), out=folders[f"{method}{count}"])
