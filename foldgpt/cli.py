@@ -165,7 +165,7 @@ def _add_gate_options(parser: argparse.ArgumentParser, *, probe_sets: int | None
     group.add_argument("--gate-probe-sets", type=int, default=probe.sets,
                        help="healing probes: heal K sets near the gates' pick (see --gate-probe-screen) for --gate-probe-steps "
                        "steps each and remove the one that heals best (perplexity on held-out calibration text); costs K "
-                       f"heals (default: {probe.sets}; 0 = off: remove the gates' pick)")
+                       f"heals; compress skips them with --heal-steps 0 (default: {probe.sets}; 0 = off: remove the gates' pick)")
     group.add_argument("--gate-probe-screen", type=int, default=probe.screen,
                        help="the probes heal the K best of this many sets nearest the gates' pick, screened by held-out "
                        f"perplexity without healing (default: {probe.screen})")

@@ -67,6 +67,14 @@ class StageResult:
     skipped: bool
 
 
+def probe_sets(settings: dict[str, Any]) -> int:
+    """How many healing probes the removal runs: none unless the gates choose and the pipeline heals after (the
+    probes pick the set that heals best; with ``heal_steps`` 0 the gates' own pick, best before healing, stays)."""
+    if settings.get("method") != "gates" or settings.get("heal_steps") == 0:
+        return 0
+    return settings.get("gate_probe_sets", 0)
+
+
 def settings_for(stage: str, settings: dict[str, Any]) -> dict[str, Any]:
     """The subset of ``settings`` that ``stage`` depends on."""
     prefixes = STAGE_SETTINGS[stage]
@@ -74,6 +82,8 @@ def settings_for(stage: str, settings: dict[str, Any]) -> dict[str, Any]:
         prefixes = tuple(p for p in prefixes if p not in ("group_size", "groups"))
     if stage == "pruned" and settings.get("method") != "gates":  # only gate training reads these (e.g. bi skips them)
         prefixes = tuple(p for p in prefixes if p not in ("gate_", "gradient_checkpointing"))
+    if stage == "pruned":
+        settings = {**settings, "gate_probe_sets": probe_sets(settings)}
     if stage == "pruned" and settings.get("gate_probe_sets") == 0:  # probes off: their other settings do not matter
         settings = {k: v for k, v in settings.items() if k == "gate_probe_sets" or not k.startswith("gate_probe_")}
     return {k: v for k, v in sorted(settings.items())
@@ -208,7 +218,7 @@ def _prune_into(folder: Path, settings: dict[str, Any]) -> dict:
         targets = {"remove": blocks_to_remove_with_sharing(loaded.model, targets["target_params"], settings["group_size"])}
     # prune writes the folder (atomically, manifest included) as 'foldgpt prune' does: the model it returns may no longer
     # be savable as the plain folder (removed sub-layers become weightless ZeroBranch-es after saving)
-    probe = ProbeConfig.from_settings(settings) if settings["method"] == "gates" else None
+    probe = ProbeConfig.from_settings(settings) if probe_sets(settings) else None
     result = prune(loaded, settings["method"], calibration=_calibration(settings), gate_config=_gate_config(settings),
                    out=folder, overwrite=True, probe=probe, **targets)
     return {"removed": result.metadata["removed"]}

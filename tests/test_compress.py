@@ -126,6 +126,8 @@ def test_probe_settings_do_not_matter_to_a_finished_stage_while_probes_are_off()
     assert settings_for("pruned", off) == settings_for("pruned", before)
     on = {**off, "gate_probe_sets": 3}
     assert settings_for("pruned", on)["gate_probe_steps"] == 25 and settings_for("pruned", on) != settings_for("pruned", before)
+    # a pipeline that does not heal keeps the gates' own pick: its removal is the probe-less one
+    assert settings_for("pruned", {**on, "heal_steps": 0}) == settings_for("pruned", {**off, "heal_steps": 0})
 
 
 def test_a_run_killed_during_healing_resumes_without_redoing_earlier_stages(tiny_folder, text_file, tmp_path, monkeypatch):
