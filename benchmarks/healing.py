@@ -57,12 +57,12 @@ def prepare_students(model: str, work: Path, needed: set[str]) -> dict[str, Path
     """The ``needed`` students as folders under ``work``, each pruned once (gate training takes minutes on a CPU, so
     a case that is not asked for is not built)."""
     folders = {name: work / name for name in CASES}
+    if "gates6-g2" in needed:  # folded from gates6
+        needed = needed | {"gates6"}
 
     def missing(name: str) -> bool:
         return name in needed and not (folders[name] / "config.json").is_file()
 
-    if "gates6-g2" in needed:
-        needed = needed | {"gates6"}
     for method, name in (("gates", "gates6"), ("bi", "bi6")):
         if missing(name):  # 16 windows: prune's default when the table was measured
             foldgpt.prune(foldgpt.load(model), method=method, remove=6, out=folders[name],

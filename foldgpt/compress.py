@@ -82,10 +82,8 @@ def settings_for(stage: str, settings: dict[str, Any]) -> dict[str, Any]:
         prefixes = tuple(p for p in prefixes if p not in ("group_size", "groups"))
     if stage == "pruned" and settings.get("method") != "gates":  # only gate training reads these (e.g. bi skips them)
         prefixes = tuple(p for p in prefixes if p not in ("gate_", "gradient_checkpointing"))
-    if stage == "pruned":
-        settings = {**settings, "gate_probe_sets": probe_sets(settings)}
-    if stage == "pruned" and settings.get("gate_probe_sets") == 0:  # probes off: their other settings do not matter
-        settings = {k: v for k, v in settings.items() if k == "gate_probe_sets" or not k.startswith("gate_probe_")}
+    if stage == "pruned" and probe_sets(settings) == 0:  # no probes run: their settings do not matter
+        settings = {**{k: v for k, v in settings.items() if not k.startswith("gate_probe_")}, "gate_probe_sets": 0}
     return {k: v for k, v in sorted(settings.items())
             if any(k == p or (p.endswith("_") and k.startswith(p)) for p in prefixes)
             and not (k in LATER_SETTINGS and v == LATER_SETTINGS[k])}

@@ -144,7 +144,7 @@ def choose_by_probe(dense: LoadedModel, scores: Sequence[float], n_remove: int, 
     for ``foldgpt.json`` (``first``: the plain lowest-score set; ``candidates``: the healed ones)."""
     windows = heldout_windows(dense, config)
     candidates = candidate_sets(scores, n_remove, max(config.screen, config.sets), config.pool)
-    screened = screen_sets(dense, candidates, windows[: max(1, config.screen_tokens // config.seqlen)])
+    screened = screen_sets(dense, candidates, windows[: config.screen_tokens // config.seqlen])
     best_screened = sorted(screened, key=lambda record: record["ppl_before"])[: config.sets]
     probed = probe_sets(dense, best_screened, windows, config)
     best = min(probed, key=lambda record: record["ppl_after"])
