@@ -19,7 +19,7 @@ import copy
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from foldgpt.data import CalibrationConfig, load_windows
@@ -27,6 +27,7 @@ from foldgpt.evaluation import perplexity
 from foldgpt.importance import select_blocks
 from foldgpt.importance.base import select_blocks_with
 from foldgpt.importance.gates import GateConfig, select_by_gates_with
+from foldgpt.importance.probe import PRUNE_SCREEN, ProbeConfig, choose_by_probe
 from foldgpt.models import load_model
 from foldgpt.removal import count_parameters, remove_blocks
 
@@ -44,6 +45,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gate-overrides", default="{}",
                         help='GateConfig fields that differ from the defaults, as JSON, e.g. \'{"restarts": 1}\'')
+    parser.add_argument("--gate-screen", type=int, default=PRUNE_SCREEN.screen,
+                        help="as prune --gate-probe-screen: the gates' near-tied sets screened on held-out WikiText-2 "
+                        f"validation, the lowest removed (default: {PRUNE_SCREEN.screen}, prune's; 0 = the gates' own pick)")
     parser.add_argument("--out", default="benchmarks/results/removal_methods.json")
     return parser.parse_args()
 
@@ -78,7 +82,7 @@ def main() -> None:
         greedy_order: list[int] | None = None
         for n_remove in targets:
             if any(r["method"] == method and r["removed_count"] == n_remove and same_gate_config(r.get("gate_config"), method, overrides)
-                   for r in rows):
+                   and r.get("gate_screen", 0) == gate_screen(method, args.gate_screen) for r in rows):
                 continue
             rows[:] = [r for r in rows if not (r["method"] == method and r["removed_count"] == n_remove)]  # stale
             if method == "sleb":
@@ -89,6 +93,11 @@ def main() -> None:
             elif method == "gates":
                 selection = select_blocks_with(select_by_gates_with(GateConfig(**overrides)), method, dense.model,
                                                windows, n_remove, args.seed)
+                if args.gate_screen:
+                    start = time.perf_counter()
+                    screen = choose_by_probe(dense, selection.scores, n_remove, ProbeConfig(sets=0, screen=args.gate_screen))
+                    selection = replace(selection, removed=screen["chosen"],
+                                        seconds=selection.seconds + time.perf_counter() - start)
             else:
                 selection = select_blocks(method, dense.model, windows, n_remove, args.seed)
             if method != "sleb":
@@ -98,7 +107,7 @@ def main() -> None:
             rows.append({"method": method, "removed_count": n_remove, "removed": removed,
                          "parameters": count_parameters(model), "perplexity": evaluate(model),
                          "selection_seconds": seconds, "eval_seconds": time.perf_counter() - start,
-                         "gate_config": gate_config(method, overrides)})
+                         "gate_config": gate_config(method, overrides), "gate_screen": gate_screen(method, args.gate_screen)})
             print(json.dumps(rows[-1]), file=sys.stderr)
             save()
     print_table(rows, datasets)
@@ -108,6 +117,11 @@ def main() -> None:
 def gate_config(method: str, overrides: dict) -> dict | None:
     """The gate hyper-parameters a ``gates`` row is measured with (a row with other ones is measured again)."""
     return asdict(GateConfig(**overrides)) if method == "gates" else None
+
+
+def gate_screen(method: str, screen: int) -> int:
+    """How many near-tied sets a row's selection screened (rows from before the screen have none: 0)."""
+    return screen if method == "gates" else 0
 
 
 # gate settings added after rows were measured, at the values that behave as before they existed

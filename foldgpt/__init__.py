@@ -23,7 +23,7 @@ from foldgpt.errors import FoldGPTError
 from foldgpt.evaluation import PerplexityResult, perplexity
 from foldgpt.folding import FoldResult, export_plain, fold_model
 from foldgpt.healing import HealConfig, HealResult, heal
-from foldgpt.importance.probe import ProbeConfig
+from foldgpt.importance.probe import PRUNE_SCREEN, ProbeConfig
 from foldgpt.lm_tasks import TaskResults, evaluate_tasks
 from foldgpt.models.loading import LoadedModel, load_model
 from foldgpt.pruning import PruneResult, prune
@@ -33,6 +33,7 @@ load = load_model
 """``foldgpt.load(DIR)``: any MODEL the CLI takes, including compact (folded or healed) folders."""
 
 __all__ = [
+    "PRUNE_SCREEN",
     "CalibrationConfig",
     "EfficiencyReport",
     "FoldGPTError",

@@ -124,9 +124,9 @@ def _targets(args: argparse.Namespace) -> dict:
 
 def _add_gate_options(parser: argparse.ArgumentParser, *, probe_sets: int | None = None) -> None:
     """The ``--gate-*`` options; ``probe_sets`` overrides the default of ``--gate-probe-sets`` (``compress`` probes by
-    default because it heals; ``prune``'s output is judged before healing, so it does not)."""
+    default because it heals; ``prune``'s output is judged before healing, so it only screens: ``PRUNE_SCREEN``)."""
     from foldgpt.importance.gates import GateConfig  # noqa: PLC0415
-    from foldgpt.importance.probe import ProbeConfig  # noqa: PLC0415
+    from foldgpt.importance.probe import PRUNE_SCREEN, ProbeConfig  # noqa: PLC0415
 
     defaults = GateConfig()
     group = parser.add_argument_group("gate training (--method gates)")
@@ -161,14 +161,17 @@ def _add_gate_options(parser: argparse.ArgumentParser, *, probe_sets: int | None
                        f"for close (default: {defaults.lora_rank}; 0 = off)")
     group.add_argument("--gate-lora-lr", type=float, default=defaults.lora_lr,
                        help=f"learning rate of those adapters (default: {defaults.lora_lr})")
-    probe = ProbeConfig() if probe_sets is None else ProbeConfig(sets=probe_sets)
+    probe = PRUNE_SCREEN if probe_sets is None else ProbeConfig(sets=probe_sets)
     group.add_argument("--gate-probe-sets", type=int, default=probe.sets,
                        help="healing probes: heal K sets near the gates' pick (see --gate-probe-screen) for --gate-probe-steps "
                        "steps each and remove the one that heals best (perplexity on held-out calibration text); costs K "
-                       f"heals; compress skips them with --heal-steps 0 (default: {probe.sets}; 0 = off: remove the gates' pick)")
+                       f"heals; compress skips them with --heal-steps 0 (default: {probe.sets}; 0 = no heals: "
+                       + ("remove the best-screened set, see --gate-probe-screen)" if probe_sets is None else "remove the gates' pick)"))
     group.add_argument("--gate-probe-screen", type=int, default=probe.screen,
                        help="the probes heal the K best of this many sets nearest the gates' pick, screened by held-out "
-                       f"perplexity without healing (default: {probe.screen})")
+                       "perplexity (WikiText-2 validation, or --calibration's text) without healing"
+                       + ("; with --gate-probe-sets 0, prune removes the best-screened set (0 and 0: the gates' own pick)"
+                          if probe_sets is None else "") + f" (default: {probe.screen})")
     group.add_argument("--gate-probe-steps", type=positive_int, default=probe.steps,
                        help=f"healing steps of {probe.seqlen} Alpaca tokens per probe (default: {probe.steps}, the "
                        "default heal's whole budget)")
@@ -419,6 +422,11 @@ def run_prune(args: argparse.Namespace) -> None:
         return
     meta = result.metadata
     print(f"{meta['method']}: removed blocks {meta['removed']} of {meta['num_blocks_before']} in {meta['selection_seconds']:.1f}s")
+    if "probe" in meta["details"]:
+        probe = meta["details"]["probe"]
+        how = f"healing probes of {len(probe['candidates'])}" if probe["candidates"] else "lowest held-out perplexity"
+        print(f"the gates' own pick was {probe['first']}; {len(probe['screened'])} near-tied sets screened, {how} chose "
+              f"{probe['chosen']} ({probe['seconds']:.0f}s; --gate-probe-screen 0 keeps the gates' pick)")
     if args.granularity == "sublayer":
         single = meta["removed_sublayers"]
         print(f"removed sub-layers of kept blocks: attention {single.get('attention', [])}, MLP {single.get('mlp', [])}")

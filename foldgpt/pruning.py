@@ -78,8 +78,10 @@ def prune(
     ``blocks`` removes exactly those blocks instead (method ``"given"``, no calibration data, no other target): to
     reproduce a set a paper or another tool reports, or to compare sets on equal terms.
 
-    ``probe`` with ``sets > 0`` (gates, whole blocks) heals the ``sets`` sets nearest the gates' pick briefly and keeps
-    the one that heals best (``foldgpt.importance.probe``); the probes are recorded under ``details["probe"]``.
+    ``probe`` (gates, whole blocks) screens the ``screen`` sets nearest the gates' pick on held-out text; with ``sets >
+    0`` it heals the ``sets`` best of them briefly and keeps the one that heals best, with ``sets == 0`` it keeps the
+    best-screened one (``PRUNE_SCREEN``, the CLI's default); ``None`` keeps the gates' own pick
+    (``foldgpt.importance.probe``). What it did is recorded under ``details["probe"]``.
     """
     if blocks is not None:
         if any(value is not None for value in (remove, remove_ratio, target_params, target_flops)) or granularity != "block":
@@ -92,10 +94,10 @@ def prune(
         raise FoldGPTError(f"unknown granularity '{granularity}'; choose one of {', '.join(GRANULARITIES)}")
     if granularity == "sublayer" and method != "gates":
         raise FoldGPTError(f"--granularity sublayer needs --method gates (method '{method}' scores whole blocks)")
-    if probe is not None and probe.sets == 0:
-        probe = None  # off: the method's own set
-    if probe is not None and (method != "gates" or granularity != "block"):
+    if probe is not None and (method != "gates" or granularity != "block") and probe.sets > 0:
         raise FoldGPTError("--gate-probe-sets needs --method gates with whole blocks (it probes sets near the gates' pick)")
+    if probe is not None and (probe.sets == probe.screen == 0 or method != "gates" or granularity != "block"):
+        probe = None  # off, or a screen default that other methods do not have: the method's own set
     calibration = None if blocks is not None else calibration or default_calibration(method)
     model = loaded.model
     if getattr(model.config, "foldgpt_sharing", None) or hasattr(model, "get_base_model"):

@@ -1,6 +1,7 @@
 """The command line: the happy path on a tiny model folder, and one-line errors for bad input."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -190,8 +191,24 @@ def test_prune_with_gates_records_the_gate_trajectory_and_draws_it(capsys, tiny_
     assert metadata["details"]["hyperparameters"]["hard_steps"] == 2
     assert len(set(metadata["details"]["lambda_history"][-2:])) == 1
     gates = metadata["scores"]
-    assert metadata["removed"] == sorted(sorted(range(DEPTH), key=lambda i: (gates[i], i))[:2])
+    # prune screens the gates' near-ties by default (PRUNE_SCREEN): it removes the screen's lowest, no heals
+    screen = metadata["details"]["probe"]
+    assert screen["first"] == sorted(sorted(range(DEPTH), key=lambda i: (gates[i], i))[:2])
+    assert len(screen["screened"]) == min(24, math.comb(min(DEPTH - 1, 2 + 3), 2)) and screen["candidates"] == []
+    assert metadata["removed"] == screen["chosen"] == min(screen["screened"], key=lambda r: r["ppl_before"])["removed"]
     assert (out / "gates.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_prune_without_the_screen_removes_the_gates_own_pick(capsys, tiny_folder, text_file, tmp_path):
+    out = tmp_path / "gates"
+    code, stdout, _ = run_cli(capsys, "prune", tiny_folder, "--method", "gates", "--remove", 2, "--gate-steps", 3,
+                              "--gate-restarts", 1, "--gate-probe-screen", 0, "--calibration", text_file, "--nsamples", 2,
+                              "--seqlen", 32, "--out", out)
+    assert code == 0 and "screened" not in stdout
+    metadata = json.loads((out / "foldgpt.json").read_text())
+    gates = metadata["scores"]
+    assert "probe" not in metadata["details"]
+    assert metadata["removed"] == sorted(sorted(range(DEPTH), key=lambda i: (gates[i], i))[:2])
 
 
 def test_nsamples_defaults_to_64_windows_for_gates_and_16_for_scoring_methods(capsys, tiny_folder, text_file, tmp_path):

@@ -83,6 +83,23 @@ def test_screening_heals_only_the_sets_with_the_lowest_perplexity_before_healing
     assert outcome["chosen"] == [3]
 
 
+def test_without_heals_the_screen_alone_chooses_the_lowest_screened_set(text_file):
+    # prune's default (PRUNE_SCREEN: sets 0): the scores rank block 1 first, the screen finds the identity block 3
+    dense = LoadedModel(trained_model_with_identity_block(text_file, 3), tiny_tokenizer(), "dense")
+    outcome = choose_by_probe(dense, [0.9, 0.1, 0.9, 0.2, 0.3, 0.9], 1, probe_config(text_file, sets=0, screen=3, pool=2))
+    assert outcome["first"] == [1] and outcome["chosen"] == [3]
+    assert outcome["candidates"] == []  # nothing healed
+    assert min(outcome["screened"], key=lambda record: record["ppl_before"])["removed"] == [3]
+
+
+def test_a_text_shorter_than_one_window_is_screened_in_one_window(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("The quick brown fox jumps over the lazy dog.")
+    dense = LoadedModel(tiny_model("llama"), tiny_tokenizer(), "dense")
+    windows = heldout_windows(dense, ProbeConfig(eval_data=str(short)))
+    assert windows.shape == (1, len(tiny_tokenizer()(short.read_text()).input_ids))
+
+
 def test_the_screen_scores_on_the_first_screen_tokens_and_the_probes_on_all(text_file):
     dense = LoadedModel(trained_model_with_identity_block(text_file, identity=3), tiny_tokenizer(), "dense")
     config = probe_config(text_file, sets=1, screen=2, pool=1, eval_tokens=128, screen_tokens=32)
@@ -115,6 +132,9 @@ def test_probe_settings_are_checked(text_file):
     with pytest.raises(FoldGPTError, match="eval_tokens"):
         ProbeConfig(seqlen=1024, eval_tokens=512)
     loaded = LoadedModel(identity_block_model([2]), tiny_tokenizer(), "dense")
+    calibration = foldgpt.CalibrationConfig(data=str(text_file), nsamples=4, seqlen=32)
     with pytest.raises(FoldGPTError, match="--gate-probe-sets needs --method gates"):
-        foldgpt.prune(loaded, method="bi", remove=1, probe=probe_config(text_file),
-                      calibration=foldgpt.CalibrationConfig(data=str(text_file), nsamples=4, seqlen=32))
+        foldgpt.prune(loaded, method="bi", remove=1, probe=probe_config(text_file), calibration=calibration)
+    # the CLI's screen default is the gates' alone: other methods keep their own set
+    bi = foldgpt.prune(loaded, method="bi", remove=1, probe=probe_config(text_file, sets=0, screen=24), calibration=calibration)
+    assert "probe" not in bi.metadata["details"] and bi.metadata["method"] == "bi"
