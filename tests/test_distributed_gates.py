@@ -16,7 +16,7 @@ from tiny import DEPTH, identity_block_model, tiny_tokenizer
 # blocks 2 and 4 add nothing, so their gates (and, with sub-layer gates, both of their branches') close and go
 GATES = ["--method", "gates", "--calibration", "calib.txt", "--seqlen", "16", "--nsamples", "8", "--gate-steps", "12",
          "--gate-lr", "0.1", "--gate-lambda", "0.2", "--gate-micro-batch", "1", "--gate-restarts", "1"]
-BLOCK = ["prune", "model", *GATES, "--remove", "2"]
+BLOCK = ["prune", "model", *GATES, "--remove", "2", "--gate-probe-screen", "0"]  # the gates alone (no screen: a random model)
 SUBLAYER = ["prune", "model", *GATES, "--granularity", "sublayer", "--remove", "4"]
 
 
