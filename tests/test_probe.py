@@ -9,10 +9,10 @@ import foldgpt
 from foldgpt.errors import FoldGPTError
 from foldgpt.evaluation import windows_perplexity
 from foldgpt.importance.gates import GateConfig
-from foldgpt.importance.probe import ProbeConfig, candidate_sets, choose_by_probe, heldout_windows, without
+from foldgpt.importance.probe import ProbeConfig, candidate_sets, choose_by_probe, heldout_windows, screen_sets, without
 from foldgpt.models import adapter_for
 from foldgpt.models.loading import LoadedModel
-from tiny import identity_block_model, tiny_model, tiny_tokenizer
+from tiny import DEPTH, FAMILIES, identity_block_model, random_ids, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +110,20 @@ def test_the_screen_scores_on_the_first_screen_tokens_and_the_probes_on_all(text
         assert record["ppl_before"] == pytest.approx(windows_perplexity(without(dense, record["removed"]).model, windows[:1], progress=False))
     assert outcome["screened"][0]["ppl_before"] != pytest.approx(
         windows_perplexity(without(dense, outcome["screened"][0]["removed"]).model, windows, progress=False))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_screen_scores_each_set_as_a_copy_without_it_and_leaves_the_model_whole(family):
+    # the screen removes blocks in place for its forward passes and puts them back (no second model in memory)
+    dense = LoadedModel(tiny_model(family), tiny_tokenizer(), "dense")
+    ids = random_ids(batch=2, length=16)
+    before = dense.model(input_ids=ids, use_cache=False).logits
+    screened = screen_sets(dense, [[1], [0, 4]], ids)
+    for record in screened:
+        copy_ppl = windows_perplexity(without(dense, record["removed"]).model, ids, progress=False)
+        assert record["ppl_before"] == pytest.approx(copy_ppl, rel=1e-5)
+    torch.testing.assert_close(dense.model(input_ids=ids, use_cache=False).logits, before, rtol=0, atol=0)
+    assert dense.model.config.num_hidden_layers == len(adapter_for(dense.model).layers(dense.model)) == DEPTH
 
 
 def test_prune_removes_the_probed_set_and_records_the_probes(text_file, tmp_path):

@@ -35,7 +35,7 @@ from foldgpt.data import evaluation_windows, load_text, tokenize
 from foldgpt.errors import FoldGPTError
 from foldgpt.evaluation import windows_perplexity
 from foldgpt.models.loading import LoadedModel
-from foldgpt.removal import remove_blocks
+from foldgpt.removal import blocks_removed_temporarily, remove_blocks
 
 PIPELINE_PROBE_SETS = 3
 """``foldgpt compress``'s default ``sets``: the pipeline heals, so it picks its set by healing (``prune``'s default
@@ -122,12 +122,13 @@ def without(dense: LoadedModel, removed: list[int]) -> LoadedModel:
 
 
 def screen_sets(dense: LoadedModel, candidates: list[list[int]], windows: torch.Tensor) -> list[dict]:
-    """Each candidate's perplexity on ``windows`` without healing: ``{"removed", "ppl_before"}``."""
+    """Each candidate's perplexity on ``windows`` without healing: ``{"removed", "ppl_before"}``. The blocks are taken
+    out of ``dense`` for the forward passes and put back (``blocks_removed_temporarily``, as SLEB does): no copy, so the
+    screen needs no memory for a second model."""
     records = []
     for removed in tqdm(candidates, desc="screening sets", leave=False):
-        student = without(dense, removed)
-        records.append({"removed": removed, "ppl_before": windows_perplexity(student.model, windows, progress=False)})
-        del student
+        with blocks_removed_temporarily(dense.model, removed) as student:
+            records.append({"removed": removed, "ppl_before": windows_perplexity(student, windows, progress=False)})
     return records
 
 
