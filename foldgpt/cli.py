@@ -171,7 +171,8 @@ def _add_gate_options(parser: argparse.ArgumentParser, *, probe_sets: int | None
                        help="the probes heal the K best of this many sets nearest the gates' pick, screened by held-out "
                        "perplexity (WikiText-2 validation, or --calibration's text) without healing"
                        + ("; with --gate-probe-sets 0, prune removes the best-screened set (0 and 0: the gates' own pick)"
-                          if probe_sets is None else "") + f" (default: {probe.screen})")
+                          if probe_sets is None else "; with --heal-steps 0, compress removes the best-screened set (0: the "
+                          "gates' own pick)") + f" (default: {probe.screen})")
     group.add_argument("--gate-probe-steps", type=positive_int, default=probe.steps,
                        help=f"healing steps of {probe.seqlen} Alpaca tokens per probe (default: {probe.steps}, the "
                        "default heal's whole budget)")

@@ -69,10 +69,17 @@ class StageResult:
 
 def probe_sets(settings: dict[str, Any]) -> int:
     """How many healing probes the removal runs: none unless the gates choose and the pipeline heals after (the
-    probes pick the set that heals best; with ``heal_steps`` 0 the gates' own pick, best before healing, stays)."""
+    probes pick the set that heals best; with ``heal_steps`` 0 see ``screens_only``)."""
     if settings.get("method") != "gates" or settings.get("heal_steps") == 0:
         return 0
     return settings.get("gate_probe_sets", 0)
+
+
+def screens_only(settings: dict[str, Any]) -> bool:
+    """Whether the removal screens the gates' near-ties and heals none, as ``prune`` does by default: when the pipeline
+    does not heal (``heal_steps`` 0) its output is judged before healing (``--gate-probe-screen 0``: the gates' own
+    pick). A pipeline that heals with ``--gate-probe-sets 0`` keeps the gates' own pick, as it always did."""
+    return settings.get("method") == "gates" and settings.get("heal_steps") == 0 and settings.get("gate_probe_screen", 0) > 0
 
 
 def settings_for(stage: str, settings: dict[str, Any]) -> dict[str, Any]:
@@ -82,8 +89,10 @@ def settings_for(stage: str, settings: dict[str, Any]) -> dict[str, Any]:
         prefixes = tuple(p for p in prefixes if p not in ("group_size", "groups"))
     if stage == "pruned" and settings.get("method") != "gates":  # only gate training reads these (e.g. bi skips them)
         prefixes = tuple(p for p in prefixes if p not in ("gate_", "gradient_checkpointing"))
-    if stage == "pruned" and probe_sets(settings) == 0:  # no probes run: their settings do not matter
-        settings = {**{k: v for k, v in settings.items() if not k.startswith("gate_probe_")}, "gate_probe_sets": 0}
+    if stage == "pruned" and probe_sets(settings) == 0:  # no probes heal: only the screen's settings can matter
+        screen = {"gate_screen_only": True, "gate_probe_screen": settings["gate_probe_screen"],
+                  "gate_probe_pool": settings.get("gate_probe_pool")} if screens_only(settings) else {}
+        settings = {**{k: v for k, v in settings.items() if not k.startswith("gate_probe_")}, "gate_probe_sets": 0, **screen}
     return {k: v for k, v in sorted(settings.items())
             if any(k == p or (p.endswith("_") and k.startswith(p)) for p in prefixes)
             and not (k in LATER_SETTINGS and v == LATER_SETTINGS[k])}
@@ -216,7 +225,11 @@ def _prune_into(folder: Path, settings: dict[str, Any]) -> dict:
         targets = {"remove": blocks_to_remove_with_sharing(loaded.model, targets["target_params"], settings["group_size"])}
     # prune writes the folder (atomically, manifest included) as 'foldgpt prune' does: the model it returns may no longer
     # be savable as the plain folder (removed sub-layers become weightless ZeroBranch-es after saving)
-    probe = ProbeConfig.from_settings(settings) if probe_sets(settings) else None
+    probe = None
+    if probe_sets(settings):
+        probe = ProbeConfig.from_settings(settings)
+    elif screens_only(settings):  # nothing heals: the screen's windows are ProbeConfig's, not the heal's
+        probe = ProbeConfig.from_settings({**settings, "gate_probe_sets": 0, "heal_seqlen": None})
     result = prune(loaded, settings["method"], calibration=_calibration(settings), gate_config=_gate_config(settings),
                    out=folder, overwrite=True, probe=probe, **targets)
     return {"removed": result.metadata["removed"]}

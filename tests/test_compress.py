@@ -126,8 +126,21 @@ def test_probe_settings_do_not_matter_to_a_finished_stage_while_probes_are_off()
     assert settings_for("pruned", off) == settings_for("pruned", before)
     on = {**off, "gate_probe_sets": 3}
     assert settings_for("pruned", on)["gate_probe_steps"] == 25 and settings_for("pruned", on) != settings_for("pruned", before)
-    # a pipeline that does not heal keeps the gates' own pick: its removal is the probe-less one
-    assert settings_for("pruned", {**on, "heal_steps": 0}) == settings_for("pruned", {**off, "heal_steps": 0})
+    # a pipeline that does not heal heals no probes; without the screen its removal is the probe-less one
+    assert settings_for("pruned", {**on, "heal_steps": 0}) == settings_for("pruned", {**off, "heal_steps": 0}) == settings_for("pruned", before)
+    # with the screen (prune's default, --gate-probe-screen 24) it is a new removal, unlike any run from before
+    screened = settings_for("pruned", {**on, "heal_steps": 0, "gate_probe_screen": 24, "gate_probe_pool": 3})
+    assert screened["gate_screen_only"] is True and screened != settings_for("pruned", before)
+    assert settings_for("pruned", {**on, "gate_probe_screen": 24}) == settings_for("pruned", on)  # healing: probes decide
+
+
+def test_a_pipeline_that_does_not_heal_screens_as_prune_does(tiny_folder, text_file, tmp_path):
+    options = {**quick_options(text_file), "heal_steps": 0, "group_size": 1, "gate_probe_sets": 3, "gate_probe_screen": 4}
+    summary = foldgpt.compress(str(tiny_folder), tmp_path / "run", **options)
+    probe = json.loads((tmp_path / "run" / "pruned" / "foldgpt.json").read_text())["details"]["probe"]
+    assert len(probe["screened"]) == 4 and probe["candidates"] == []  # screened, nothing healed
+    assert summary["removed_blocks"] == probe["chosen"] == min(probe["screened"], key=lambda r: r["ppl_before"])["removed"]
+    assert probe["config"]["eval_data"] == str(text_file)
 
 
 def test_a_run_killed_during_healing_resumes_without_redoing_earlier_stages(tiny_folder, text_file, tmp_path, monkeypatch):
