@@ -19,7 +19,7 @@ import copy
 import json
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 from foldgpt.data import CalibrationConfig, load_windows
@@ -27,8 +27,9 @@ from foldgpt.evaluation import perplexity
 from foldgpt.importance import select_blocks
 from foldgpt.importance.base import select_blocks_with
 from foldgpt.importance.gates import GateConfig, select_by_gates_with
-from foldgpt.importance.probe import PRUNE_SCREEN, ProbeConfig, choose_by_probe
+from foldgpt.importance.probe import PRUNE_SCREEN, ProbeConfig
 from foldgpt.models import load_model
+from foldgpt.pruning import probed_selection
 from foldgpt.removal import count_parameters, remove_blocks
 
 
@@ -93,11 +94,8 @@ def main() -> None:
             elif method == "gates":
                 selection = select_blocks_with(select_by_gates_with(GateConfig(**overrides)), method, dense.model,
                                                windows, n_remove, args.seed)
-                if args.gate_screen:
-                    start = time.perf_counter()
-                    screen = choose_by_probe(dense, selection.scores, n_remove, ProbeConfig(sets=0, screen=args.gate_screen))
-                    selection = replace(selection, removed=screen["chosen"],
-                                        seconds=selection.seconds + time.perf_counter() - start)
+                if args.gate_screen:  # as prune does after gate training
+                    selection = probed_selection(dense, selection, n_remove, ProbeConfig(sets=0, screen=args.gate_screen))
             else:
                 selection = select_blocks(method, dense.model, windows, n_remove, args.seed)
             if method != "sleb":

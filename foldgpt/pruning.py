@@ -127,7 +127,7 @@ def prune(
         else:
             selection = select_blocks(method, model, windows, n_remove, calibration.seed)
         if probe is not None:
-            selection = _probed(loaded, selection, n_remove, probe)
+            selection = probed_selection(loaded, selection, n_remove, probe)
     saved_sublayers = _remove(model, selection, num_blocks)
     parameters_after = count_parameters(model) - _branch_total(model, saved_sublayers, lambda block, branch: branch_parameters(model, block, branch))
     flops_after = model_flops_per_token(model, target.flops_context) - _branch_total(
@@ -174,8 +174,9 @@ def prune(
     return PruneResult(selection=selection, loaded=loaded, metadata=metadata)
 
 
-def _probed(loaded: LoadedModel, selection: Selection, n_remove: int, probe: ProbeConfig) -> Selection:
-    """``selection`` with the set its healing probes chose (``loaded`` is still the dense model here)."""
+def probed_selection(loaded: LoadedModel, selection: Selection, n_remove: int, probe: ProbeConfig) -> Selection:
+    """``selection`` with the set its screen / healing probes chose, their time added and their record under
+    ``details["probe"]`` (``loaded`` is the dense model: nothing has been removed yet)."""
     if selection.scores is None:
         raise FoldGPTError(f"method '{selection.method}' gives no per-block scores to draw probe candidates from")
     start = time.perf_counter()

@@ -156,7 +156,7 @@ def choose_by_probe(dense: LoadedModel, scores: Sequence[float], n_remove: int, 
     windows = heldout_windows(dense, config)
     candidates = candidate_sets(scores, n_remove, max(config.screen, config.sets), config.pool)
     seqlen = windows.shape[1]
-    screened = screen_sets(dense, candidates, windows[: max(1, config.screen_tokens // seqlen)])
+    screened = screen_sets(dense, candidates, windows[: config.screen_tokens // seqlen])  # >= 1: screen_tokens >= seqlen
     best_screened = sorted(screened, key=lambda record: record["ppl_before"])
     if config.sets == 0:
         return {"chosen": best_screened[0]["removed"], "first": candidates[0], "screened": screened, "candidates": [],
