@@ -103,7 +103,7 @@ def build_deep(folder: Path, repeat: int) -> int:
 
     from safetensors.torch import load_file, save_file  # noqa: PLC0415
 
-    from foldgpt.models.loading import resolve_model_path  # noqa: PLC0415
+    from foldgpt.formats.loading import resolve_model_path  # noqa: PLC0415
 
     source = resolve_model_path(MODEL)
     folder.mkdir(parents=True, exist_ok=True)

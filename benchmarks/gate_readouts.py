@@ -26,11 +26,12 @@ import torch
 from gate_stability import smallest
 from transformers import PreTrainedModel
 
-from foldgpt.data import evaluation_windows, load_text, load_windows, tokenize
-from foldgpt.evaluation import windows_perplexity
-from foldgpt.importance.gates import distillation_loss
-from foldgpt.models import load_model
-from foldgpt.removal import blocks_removed_temporarily
+from foldgpt.data.text import load_text
+from foldgpt.data.windows import evaluation_windows, load_windows, tokenize
+from foldgpt.eval.perplexity import windows_perplexity
+from foldgpt.formats.loading import load_model
+from foldgpt.surgery.removal import blocks_removed_temporarily
+from foldgpt.train.losses import distillation_loss
 
 
 class HardRemovalKL:

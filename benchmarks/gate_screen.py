@@ -24,10 +24,12 @@ from pathlib import Path
 import torch
 
 import foldgpt
-from foldgpt.data import evaluation_windows, load_text, tokenize
-from foldgpt.evaluation import windows_perplexity
-from foldgpt.importance.gates import ensemble_gates
-from foldgpt.importance.probe import ProbeConfig, candidate_sets, screen_sets, without
+from foldgpt.data.text import load_text
+from foldgpt.data.windows import evaluation_windows, tokenize
+from foldgpt.eval.perplexity import windows_perplexity
+from foldgpt.selection.candidates import candidate_sets, screen_sets, without
+from foldgpt.selection.config import ProbeConfig
+from foldgpt.selection.gates import ensemble_gates
 
 
 def gate_scores(path: Path) -> list[float]:

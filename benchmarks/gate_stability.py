@@ -24,12 +24,14 @@ from pathlib import Path
 
 import torch
 
-from foldgpt.data import evaluation_windows, load_text, load_windows, tokenize
-from foldgpt.evaluation import windows_perplexity
-from foldgpt.importance import select_blocks
-from foldgpt.importance.gates import GateConfig, ensemble_gates, train_gates
-from foldgpt.models import load_model
-from foldgpt.removal import remove_blocks
+from foldgpt.data.text import load_text
+from foldgpt.data.windows import evaluation_windows, load_windows, tokenize
+from foldgpt.eval.perplexity import windows_perplexity
+from foldgpt.formats.loading import load_model
+from foldgpt.selection.config import GateConfig
+from foldgpt.selection.gates import ensemble_gates, train_gates
+from foldgpt.selection.registry import select_blocks
+from foldgpt.surgery.removal import remove_blocks
 
 
 def smallest(values: list[float], count: int) -> list[int]:

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from foldgpt.data import load_windows
-from foldgpt.importance.gates import GateConfig, train_gates
-from foldgpt.models import load_model
+from foldgpt.data.windows import load_windows
+from foldgpt.formats.loading import load_model
+from foldgpt.selection.config import GateConfig
+from foldgpt.selection.gates import train_gates
 
 
 def plain_steps(model, windows: torch.Tensor) -> float:

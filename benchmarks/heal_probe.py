@@ -22,10 +22,12 @@ from pathlib import Path
 import torch
 
 import foldgpt
-from foldgpt.evaluation import windows_perplexity
-from foldgpt.healing import HealConfig, heal
-from foldgpt.importance.probe import ProbeConfig, heldout_windows, without
-from foldgpt.pruning import parse_blocks
+from foldgpt.eval.perplexity import windows_perplexity
+from foldgpt.healing.config import HealConfig
+from foldgpt.healing.loop import heal
+from foldgpt.selection.candidates import heldout_windows, without
+from foldgpt.selection.config import ProbeConfig
+from foldgpt.workflows.prune import parse_blocks
 
 
 def validation_ppl(loaded, windows: torch.Tensor) -> float:

@@ -35,10 +35,11 @@ import torch
 import torch.nn.functional as F
 
 import foldgpt
-from foldgpt.evaluation import perplexity
-from foldgpt.healing import HealConfig, heal, healing_windows
-from foldgpt.importance.gates import GateConfig
-from foldgpt.importance.probe import PIPELINE_PROBE_SETS, ProbeConfig
+from foldgpt.eval.perplexity import perplexity
+from foldgpt.healing.config import HealConfig
+from foldgpt.healing.data import healing_windows
+from foldgpt.healing.loop import heal
+from foldgpt.selection.config import PIPELINE_PROBE_SETS, GateConfig, ProbeConfig
 
 LOSS_SETS = {"kl": (1.0, 0.0, 0.0), "kl+tail": (1.0, 1.0, 0.0), "kl+tail+lm": (1.0, 1.0, 1.0)}
 CASES = {"gates6": "(a) gates, 6 removed", "gates6-g2": "(b) gates, 6 removed + G=2 sharing", "bi6": "(c) bi, 6 removed",

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 import foldgpt
-from foldgpt.importance.probe import ProbeConfig, choose_by_probe
+from foldgpt.selection.config import ProbeConfig
+from foldgpt.workflows.probe import choose_by_probe
 
 
 def main() -> None:

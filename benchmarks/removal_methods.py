@@ -22,15 +22,16 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from foldgpt.data import CalibrationConfig, load_windows
-from foldgpt.evaluation import perplexity
-from foldgpt.importance import select_blocks
-from foldgpt.importance.base import select_blocks_with
-from foldgpt.importance.gates import GateConfig, select_by_gates_with
-from foldgpt.importance.probe import PRUNE_SCREEN, ProbeConfig
-from foldgpt.models import load_model
-from foldgpt.pruning import probed_selection
-from foldgpt.removal import count_parameters, remove_blocks
+from foldgpt.data.config import CalibrationConfig
+from foldgpt.data.windows import load_windows
+from foldgpt.eval.perplexity import perplexity
+from foldgpt.formats.loading import load_model
+from foldgpt.selection.base import select_blocks_with
+from foldgpt.selection.config import PRUNE_SCREEN, GateConfig, ProbeConfig
+from foldgpt.selection.gates import select_by_gates_with
+from foldgpt.selection.registry import select_blocks
+from foldgpt.surgery.removal import count_parameters, remove_blocks
+from foldgpt.workflows.prune import probed_selection
 
 
 def parse_args() -> argparse.Namespace:

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from foldgpt.data import load_windows
-from foldgpt.models import load_model
-from foldgpt.removal import remove_blocks
+from foldgpt.data.windows import load_windows
+from foldgpt.formats.loading import load_model
+from foldgpt.surgery.removal import remove_blocks
 
 
 @torch.no_grad()

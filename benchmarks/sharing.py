@@ -21,9 +21,10 @@ import time
 from pathlib import Path
 
 import foldgpt
-from foldgpt.data import CalibrationConfig
-from foldgpt.evaluation import perplexity
-from foldgpt.folding import export_plain, fold_model, folder_weight_bytes
+from foldgpt.data.config import CalibrationConfig
+from foldgpt.eval.perplexity import perplexity
+from foldgpt.formats.plain import export_plain, folder_weight_bytes
+from foldgpt.workflows.fold import fold_model
 
 MEMORY_PROBE = """
 import sys, torch, transformers, foldgpt

@@ -17,11 +17,13 @@ import math
 import time
 from pathlib import Path
 
-from foldgpt.data import evaluation_windows, load_text, load_windows, tokenize
-from foldgpt.evaluation import windows_perplexity
-from foldgpt.importance.gates import GateConfig, selection_from_gates, train_gates
-from foldgpt.models import load_model
-from foldgpt.removal import remove_blocks
+from foldgpt.data.text import load_text
+from foldgpt.data.windows import evaluation_windows, load_windows, tokenize
+from foldgpt.eval.perplexity import windows_perplexity
+from foldgpt.formats.loading import load_model
+from foldgpt.selection.config import GateConfig
+from foldgpt.selection.gates import selection_from_gates, train_gates
+from foldgpt.surgery.removal import remove_blocks
 
 
 def main() -> None:

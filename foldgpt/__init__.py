@@ -3,7 +3,7 @@
 The Python API mirrors the CLI::
 
     import foldgpt
-    loaded = foldgpt.load_model("smollm2-135m")
+    loaded = foldgpt.load("smollm2-135m")
     stats = foldgpt.analyze(loaded)                      # Block Influence, similarity, angular distance
     foldgpt.prune(loaded, method="bi", remove=6, out="runs/bi6")
     folded = foldgpt.fold_model(foldgpt.load("runs/bi6"), group_size=2, out="runs/bi6-g2")  # compact folder
@@ -11,25 +11,47 @@ The Python API mirrors the CLI::
     foldgpt.perplexity(loaded.model, loaded.tokenizer, "wikitext2", seqlen=1024, max_tokens=8192)
     foldgpt.evaluate_tasks(loaded.model, loaded.tokenizer, ["piqa", "arc_easy"], limit=100)  # lm-eval, offline
     foldgpt.measure_efficiency(loaded.model, loaded.source)  # parameters, disk, FLOPs, prefill/decode, peak memory
+
+The names are imported on first use (PEP 562), so ``import foldgpt`` and ``foldgpt --help`` stay fast; nothing in
+the package imports this module back.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from foldgpt.analysis import RedundancyStats, analyze, redundancy_stats
-from foldgpt.compress import compress
-from foldgpt.data import CalibrationConfig
-from foldgpt.efficiency import EfficiencyReport, measure_efficiency
-from foldgpt.errors import FoldGPTError
-from foldgpt.evaluation import PerplexityResult, perplexity
-from foldgpt.folding import FoldResult, export_plain, fold_model
-from foldgpt.healing import HealConfig, HealResult, heal
-from foldgpt.importance.probe import PRUNE_SCREEN, ProbeConfig
-from foldgpt.lm_tasks import TaskResults, evaluate_tasks
-from foldgpt.models.loading import LoadedModel, load_model
-from foldgpt.pruning import PruneResult, prune
-from foldgpt.removal import remove_blocks
+import importlib
+from typing import TYPE_CHECKING, Any
 
-load = load_model
+from foldgpt._version import __version__
+
+_EXPORTS = {
+    "PRUNE_SCREEN": "foldgpt.selection.config",
+    "CalibrationConfig": "foldgpt.data.config",
+    "EfficiencyReport": "foldgpt.eval.efficiency",
+    "FoldGPTError": "foldgpt.errors",
+    "FoldResult": "foldgpt.workflows.fold",
+    "GateConfig": "foldgpt.selection.config",
+    "HealConfig": "foldgpt.healing.config",
+    "HealResult": "foldgpt.healing.loop",
+    "LoadedModel": "foldgpt.formats.loading",
+    "PerplexityResult": "foldgpt.eval.perplexity",
+    "ProbeConfig": "foldgpt.selection.config",
+    "PruneResult": "foldgpt.workflows.prune",
+    "RedundancyStats": "foldgpt.analysis.redundancy",
+    "TaskResults": "foldgpt.eval.lm_tasks",
+    "analyze": "foldgpt.workflows.analyze",
+    "compress": "foldgpt.cli.settings",
+    "evaluate_tasks": "foldgpt.eval.lm_tasks",
+    "export_plain": "foldgpt.formats.plain",
+    "fold_model": "foldgpt.workflows.fold",
+    "heal": "foldgpt.healing.loop",
+    "load_model": "foldgpt.formats.loading",
+    "measure_efficiency": "foldgpt.eval.efficiency",
+    "perplexity": "foldgpt.eval.perplexity",
+    "prune": "foldgpt.workflows.prune",
+    "redundancy_stats": "foldgpt.analysis.redundancy",
+    "remove_blocks": "foldgpt.surgery.removal",
+}
+_ALIASES = {"load": "load_model"}
 """``foldgpt.load(DIR)``: any MODEL the CLI takes, including compact (folded or healed) folders."""
 
 __all__ = [
@@ -38,6 +60,7 @@ __all__ = [
     "EfficiencyReport",
     "FoldGPTError",
     "FoldResult",
+    "GateConfig",
     "HealConfig",
     "HealResult",
     "LoadedModel",
@@ -46,6 +69,7 @@ __all__ = [
     "PruneResult",
     "RedundancyStats",
     "TaskResults",
+    "__version__",
     "analyze",
     "compress",
     "evaluate_tasks",
@@ -60,3 +84,37 @@ __all__ = [
     "redundancy_stats",
     "remove_blocks",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    target = _ALIASES.get(name, name)
+    if target not in _EXPORTS:
+        raise AttributeError(f"module 'foldgpt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[target]), target)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:
+    from foldgpt.analysis.redundancy import RedundancyStats, redundancy_stats
+    from foldgpt.cli.settings import compress
+    from foldgpt.data.config import CalibrationConfig
+    from foldgpt.errors import FoldGPTError
+    from foldgpt.eval.efficiency import EfficiencyReport, measure_efficiency
+    from foldgpt.eval.lm_tasks import TaskResults, evaluate_tasks
+    from foldgpt.eval.perplexity import PerplexityResult, perplexity
+    from foldgpt.formats.loading import LoadedModel, load_model
+    from foldgpt.formats.plain import export_plain
+    from foldgpt.healing.config import HealConfig
+    from foldgpt.healing.loop import HealResult, heal
+    from foldgpt.selection.config import PRUNE_SCREEN, GateConfig, ProbeConfig
+    from foldgpt.surgery.removal import remove_blocks
+    from foldgpt.workflows.analyze import analyze
+    from foldgpt.workflows.fold import FoldResult, fold_model
+    from foldgpt.workflows.prune import PruneResult, prune
+
+    load = load_model

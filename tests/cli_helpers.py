@@ -1,6 +1,6 @@
 """Running the CLI in-process and checking its one-line errors (shared by the CLI-level tests)."""
 
-from foldgpt.cli import main
+from foldgpt.cli.main import main
 
 
 def run_cli(capsys, *argv):

@@ -5,7 +5,7 @@ loaded CPU). Usage: distributed_gates_worker.py ARGS... [--next ARGS...]...
 
 import sys
 
-from foldgpt.cli import main
+from foldgpt.cli.main import main
 
 if __name__ == "__main__":
     runs: list[list[str]] = [[]]

@@ -7,9 +7,9 @@ Usage: distributed_worker.py STOP -- CLI_HEAL_ARGS...
 
 import sys
 
-from foldgpt.cli import _heal_config, build_parser, main
-from foldgpt.healing import heal
-from foldgpt.models import load_model
+from foldgpt.cli.main import _heal_config, build_parser, main
+from foldgpt.formats.loading import load_model
+from foldgpt.healing.loop import heal
 
 
 def api_heal(argv: list[str], **kwargs):

@@ -6,13 +6,14 @@ import math
 import pytest
 import torch
 
-from foldgpt.analysis import redundancy_stats
-from foldgpt.evaluation import windows_perplexity
-from foldgpt.importance import METHODS, select_blocks
-from foldgpt.importance.base import select_blocks_with
-from foldgpt.importance.gates import GateConfig, select_by_gates_with
-from foldgpt.models import adapter_for
-from foldgpt.removal import remove_blocks
+from foldgpt.analysis.redundancy import redundancy_stats
+from foldgpt.arch.adapters import adapter_for
+from foldgpt.eval.perplexity import windows_perplexity
+from foldgpt.selection.base import select_blocks_with
+from foldgpt.selection.config import GateConfig
+from foldgpt.selection.gates import select_by_gates_with
+from foldgpt.selection.registry import METHODS, select_blocks
+from foldgpt.surgery.removal import remove_blocks
 from tiny import DEPTH, FAMILIES, identity_block_model, random_ids, tiny_model
 
 

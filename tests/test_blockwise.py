@@ -6,21 +6,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from foldgpt import blockwise
-from foldgpt.analysis import redundancy_stats
-from foldgpt.blockwise import (
-    BlockwiseModel,
-    SafetensorsFolder,
-    blockwise_redundancy_stats,
-    blockwise_windows_perplexity,
-    prune_blockwise,
-)
-from foldgpt.data import CalibrationConfig
+from foldgpt.analysis.blockwise import blockwise_redundancy_stats
+from foldgpt.analysis.redundancy import redundancy_stats
+from foldgpt.data.config import CalibrationConfig
 from foldgpt.errors import FoldGPTError
-from foldgpt.evaluation import windows_perplexity
-from foldgpt.models import load_model
-from foldgpt.pruning import prune
-from foldgpt.removal import count_parameters
+from foldgpt.eval.blockwise import blockwise_windows_perplexity
+from foldgpt.eval.perplexity import windows_perplexity
+from foldgpt.formats import blockwise
+from foldgpt.formats.blockwise import BlockwiseModel, SafetensorsFolder
+from foldgpt.formats.loading import load_model
+from foldgpt.surgery.removal import count_parameters
+from foldgpt.workflows.prune import prune
+from foldgpt.workflows.prune_blockwise import prune_blockwise
 from tiny import DEPTH, FAMILIES, random_ids, save_tiny, tiny_model, tiny_tokenizer
 
 TOL = 1e-6
@@ -151,7 +148,7 @@ def test_pruning_block_by_block_writes_the_same_model(family, method, folders, t
 
 
 def test_cli_analyze_and_eval_block_by_block(folders, tmp_path, capsys):
-    from foldgpt.cli import main  # noqa: PLC0415
+    from foldgpt.cli.main import main  # noqa: PLC0415
 
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 60)
@@ -172,7 +169,7 @@ def test_cli_analyze_and_eval_block_by_block(folders, tmp_path, capsys):
 
 
 def test_cli_refuses_what_block_by_block_cannot_do(folders, tmp_path, capsys):
-    from foldgpt.cli import main  # noqa: PLC0415
+    from foldgpt.cli.main import main  # noqa: PLC0415
 
     folder = str(folders["llama"])
     assert main(["prune", folder, "--method", "gates", "--remove", "1", "--offload", "blocks", "--out", str(tmp_path / "p")]) == 2

@@ -5,12 +5,13 @@ import json
 
 import pytest
 
-from foldgpt import blockwise
-from foldgpt.blockwise import BlockwiseModel, blockwise_selection, blockwise_sleb
-from foldgpt.evaluation import windows_perplexity
-from foldgpt.importance.sleb import select_by_sleb
-from foldgpt.models import load_model
-from foldgpt.removal import blocks_removed_temporarily
+from foldgpt.eval.perplexity import windows_perplexity
+from foldgpt.formats.blockwise import BlockwiseModel, window_batches_of
+from foldgpt.formats.loading import load_model
+from foldgpt.selection import blockwise
+from foldgpt.selection.blockwise import blockwise_selection, blockwise_sleb
+from foldgpt.selection.sleb import select_by_sleb
+from foldgpt.surgery.removal import blocks_removed_temporarily
 from tiny import DEPTH, random_ids, save_tiny
 
 RTOL = 1e-4
@@ -53,7 +54,7 @@ def test_every_candidate_score_equals_the_whole_model_perplexity(family, folders
     model = load_model(str(folders[family])).model
     runner = BlockwiseModel(str(folders[family]))
     removed = [2]
-    scores = blockwise._sleb_step(runner, blockwise._batches(windows, 2), removed, None, desc="test")
+    scores = blockwise.sleb_step(runner, window_batches_of(windows, 2), removed, None, desc="test")
     assert list(scores) == [i for i in range(DEPTH) if i not in removed]
     for candidate, score in scores.items():
         with blocks_removed_temporarily(model, [*removed, candidate]):
@@ -75,14 +76,14 @@ def test_streams_in_files_under_offload_dir(folders, windows, tmp_path, monkeypa
     runner = BlockwiseModel(str(folders["gemma3"]))
     in_memory = blockwise_sleb(runner, windows, 2)
     paths = []
-    original = blockwise._new_stream
+    original = blockwise.new_stream
 
     def spy(folder, name):
         stream = original(folder, name)
         paths.append(stream.path)
         return stream
 
-    monkeypatch.setattr(blockwise, "_new_stream", spy)
+    monkeypatch.setattr(blockwise, "new_stream", spy)
     offload = tmp_path / "offload"
     on_disk = blockwise_selection("sleb", runner, windows, 2, offload_dir=offload)
     assert_same_search(in_memory, on_disk)
@@ -93,7 +94,7 @@ def test_streams_in_files_under_offload_dir(folders, windows, tmp_path, monkeypa
 
 
 def test_cli_prune_sleb_block_by_block_removes_what_the_whole_model_does(folders, tmp_path):
-    from foldgpt.cli import main  # noqa: PLC0415
+    from foldgpt.cli.main import main  # noqa: PLC0415
 
     text = tmp_path / "calib.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 60)

@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from foldgpt.budget import RemovalTarget, block_flops_per_token, blocks_to_remove, model_flops_per_token
 from foldgpt.errors import FoldGPTError
-from foldgpt.importance.gates import block_flops_weights
-from foldgpt.removal import count_parameters
+from foldgpt.selection.gates import block_flops_weights
+from foldgpt.surgery.budget import RemovalTarget, block_flops_per_token, blocks_to_remove, model_flops_per_token
+from foldgpt.surgery.removal import count_parameters
 from tiny import DEPTH, tiny_model
 
 # tiny Llama: hidden 32, 4 heads x 8, 2 kv heads x 8, intermediate 64, vocab 128, untied head
@@ -71,7 +71,7 @@ def test_budget_targets_refuse_blocks_of_different_sizes():
 
 def test_prune_meets_a_parameter_target(tmp_path):
     import foldgpt
-    from foldgpt.models.loading import LoadedModel
+    from foldgpt.formats.loading import LoadedModel
     from tiny import tiny_tokenizer
 
     loaded = LoadedModel(tiny_model("llama"), tiny_tokenizer(), "tiny")

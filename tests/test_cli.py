@@ -9,7 +9,7 @@ import pytest
 from transformers import AutoModelForCausalLM, BloomConfig, BloomForCausalLM
 
 from cli_helpers import assert_one_line_error, run_cli
-from foldgpt.cli import build_parser
+from foldgpt.cli.main import build_parser
 from tiny import DEPTH, save_tiny
 
 

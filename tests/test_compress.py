@@ -7,9 +7,9 @@ import torch
 import yaml
 
 import foldgpt
-from foldgpt.cli import main
+from foldgpt.cli.main import main
+from foldgpt.core.manifest import verify
 from foldgpt.errors import FoldGPTError
-from foldgpt.manifest import verify
 from tiny import DEPTH, save_tiny
 
 
@@ -82,7 +82,7 @@ def test_a_changed_setting_redoes_only_the_stages_after_it(tiny_folder, text_fil
 
 
 def test_gate_settings_invalidate_the_removal_only_when_the_gates_remove():
-    from foldgpt.compress import settings_for
+    from foldgpt.workflows.compress import settings_for
 
     base = {"model": "m", "method": "bi", "remove": 6, "gate_steps": 80, "gate_restarts": 3, "gradient_checkpointing": False,
             "heal_steps": 25}
@@ -94,7 +94,7 @@ def test_gate_settings_invalidate_the_removal_only_when_the_gates_remove():
 
 
 def test_settings_added_later_leave_a_finished_stage_valid_at_their_default():
-    from foldgpt.compress import settings_for
+    from foldgpt.workflows.compress import settings_for
 
     before = {"model": "m", "method": "gates", "remove": 6, "gate_steps": 80, "gradient_checkpointing": False}
     now = {**before, "gate_lora_rank": 0, "gate_lora_lr": 5e-3}
@@ -103,8 +103,8 @@ def test_settings_added_later_leave_a_finished_stage_valid_at_their_default():
 
 
 def test_the_pipeline_probes_by_default_and_prune_does_not(tiny_folder, text_file, tmp_path):
-    from foldgpt.cli import build_parser
-    from foldgpt.config import resolve_settings
+    from foldgpt.cli.main import build_parser
+    from foldgpt.cli.settings import resolve_settings
 
     assert resolve_settings(str(tiny_folder))["gate_probe_sets"] == 3  # compress heals: it picks its set by healing
     assert build_parser().parse_args(["prune", "m", "--out", "o", "--remove", "1"]).gate_probe_sets == 0
@@ -119,7 +119,7 @@ def test_the_pipeline_probes_by_default_and_prune_does_not(tiny_folder, text_fil
 
 
 def test_probe_settings_do_not_matter_to_a_finished_stage_while_probes_are_off():
-    from foldgpt.compress import settings_for
+    from foldgpt.workflows.compress import settings_for
 
     off = {"model": "m", "method": "gates", "remove": 6, "gate_probe_sets": 0, "gate_probe_steps": 25, "gate_probe_tokens": 32768}
     before = {"model": "m", "method": "gates", "remove": 6}  # a run from before the probes existed
@@ -144,14 +144,14 @@ def test_a_pipeline_that_does_not_heal_screens_as_prune_does(tiny_folder, text_f
 
 
 def test_a_run_killed_during_healing_resumes_without_redoing_earlier_stages(tiny_folder, text_file, tmp_path, monkeypatch):
-    import foldgpt.healing
+    import foldgpt.workflows.compress
 
     out = tmp_path / "run"
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(foldgpt.healing, "heal", crash)
+    monkeypatch.setattr(foldgpt.workflows.compress, "heal", crash)
     with pytest.raises(KeyboardInterrupt):
         foldgpt.compress(str(tiny_folder), out, **quick_options(text_file))
     assert (out / "folded" / "stage.json").is_file() and not (out / "healed").exists()
@@ -225,7 +225,7 @@ def test_a_parameter_target_counts_the_sharing_too(tiny_folder, text_file, tmp_p
 
 
 def test_summary_table_columns_line_up_under_long_task_names():
-    from foldgpt.compress import format_summary  # noqa: PLC0415
+    from foldgpt.workflows.compress import format_summary  # noqa: PLC0415
 
     results = {"perplexity": {"wikitext2": {"perplexity": 22.88}},
                "tasks": {"metrics": {"arc_challenge": {"acc": 0.23}, "winogrande": {"acc": 0.48}}}}

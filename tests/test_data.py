@@ -5,13 +5,8 @@ import json
 import pytest
 import torch
 
-from foldgpt.data import (
-    calibration_windows,
-    data_dir,
-    evaluation_windows,
-    load_text,
-    render_alpaca,
-)
+from foldgpt.data.text import data_dir, load_text, render_alpaca
+from foldgpt.data.windows import calibration_windows, evaluation_windows
 from foldgpt.errors import FoldGPTError
 
 

@@ -12,11 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from foldgpt import distributed
-from foldgpt.cli import main
+from foldgpt.cli.main import main
 from foldgpt.errors import FoldGPTError
-from foldgpt.healing import HealConfig, WindowSchedule, heal
-from foldgpt.models.loading import LoadedModel
+from foldgpt.formats import placement as distributed
+from foldgpt.formats.loading import LoadedModel
+from foldgpt.healing.config import HealConfig
+from foldgpt.healing.data import WindowSchedule
+from foldgpt.healing.loop import heal
 from tiny import save_tiny, tiny_model, tiny_tokenizer
 
 HEAL = ["--data", "heal.txt", "--steps", "3", "--seqlen", "16", "--micro-batch", "2", "--eval-windows", "1",

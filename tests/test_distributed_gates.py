@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from foldgpt.cli import main
+from foldgpt.cli.main import main
 from tiny import DEPTH, identity_block_model, tiny_tokenizer
 
 # blocks 2 and 4 add nothing, so their gates (and, with sub-layer gates, both of their branches') close and go
@@ -78,8 +78,8 @@ def test_prune_with_another_method_still_refuses_a_launcher(folder, monkeypatch,
 
 def test_prune_api_writes_on_rank_zero_only(folder, tmp_path, monkeypatch):
     from foldgpt import prune  # noqa: PLC0415
-    from foldgpt.data import CalibrationConfig  # noqa: PLC0415
-    from foldgpt.models import load_model  # noqa: PLC0415
+    from foldgpt.data.config import CalibrationConfig  # noqa: PLC0415
+    from foldgpt.formats.loading import load_model  # noqa: PLC0415
 
     calibration = CalibrationConfig(data=str(folder / "calib.txt"), nsamples=2, seqlen=16)
     monkeypatch.setenv("RANK", "1")  # as torchrun sets it in the second process

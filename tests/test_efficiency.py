@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import foldgpt
-from foldgpt.budget import model_flops_per_token
-from foldgpt.cli import main
-from foldgpt.efficiency import _decode, measure_efficiency
-from foldgpt.folding import folder_weight_bytes
-from foldgpt.removal import count_parameters
+from foldgpt.cli.main import main
+from foldgpt.eval.efficiency import decode_step_seconds, measure_efficiency
+from foldgpt.formats.plain import folder_weight_bytes
+from foldgpt.surgery.budget import model_flops_per_token
+from foldgpt.surgery.removal import count_parameters
 from tiny import save_tiny, tiny_model
 
 
@@ -36,7 +36,7 @@ def test_decode_runs_one_cached_forward_per_new_token():
     model = tiny_model("llama")
     lengths = []
     handle = model.register_forward_pre_hook(lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
-    times = _decode(model, torch.randint(3, 100, (1, 20)), 7, torch.device("cpu"))
+    times = decode_step_seconds(model, torch.randint(3, 100, (1, 20)), 7, torch.device("cpu"))
     handle.remove()
     assert len(times) == 7 and lengths == [20] + [1] * 7  # one prefill, then one token per step through the KV cache
     report = measure_efficiency(model, prefill_tokens=20, decode_tokens=7, repeats=2)

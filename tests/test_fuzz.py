@@ -6,10 +6,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from foldgpt.config import checked_settings, compress_parser
+from foldgpt.cli.settings import checked_settings, compress_parser
 from foldgpt.errors import FoldGPTError
-from foldgpt.removal import count_parameters, remove_blocks
-from foldgpt.sharing import fold, parameter_report, parse_groups
+from foldgpt.surgery.removal import count_parameters, remove_blocks
+from foldgpt.surgery.sharing import fold, parameter_report, parse_groups
 from tiny import DEPTH, tiny_model
 
 BASE = tiny_model("llama")

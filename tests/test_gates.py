@@ -8,14 +8,12 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaMLP
 
-from foldgpt.cli import METHOD_NAMES
+from foldgpt.analysis.figures import plot_gate_history
+from foldgpt.cli.main import METHOD_NAMES
 from foldgpt.errors import FoldGPTError
-from foldgpt.importance import METHODS
-from foldgpt.importance.gates import (
-    GateConfig,
-    adapters_off,
+from foldgpt.selection.config import GateConfig
+from foldgpt.selection.gates import (
     block_flops_weights,
-    compensating_lora,
     ensemble_gates,
     gated,
     hard_removal_mask,
@@ -26,8 +24,9 @@ from foldgpt.importance.gates import (
     target_center,
     train_gates,
 )
-from foldgpt.plotting import plot_gate_history
-from foldgpt.removal import remove_blocks
+from foldgpt.selection.registry import METHODS
+from foldgpt.surgery.removal import remove_blocks
+from foldgpt.train.lora import adapters_off, compensating_lora
 from tiny import DEPTH, identity_block_model, random_ids, tiny_model
 
 FAST = GateConfig(restarts=1, steps=30, lr=0.1, lam=0.2)  # on the tiny model the identity gates are 0 by step 10

@@ -10,7 +10,7 @@ import pytest
 from safetensors.torch import save_file
 from transformers import BertConfig
 
-from foldgpt.cli import main
+from foldgpt.cli.main import main
 from tiny import save_tiny, tiny_model
 
 

@@ -13,14 +13,19 @@ from transformers import AutoModelForCausalLM
 
 import foldgpt
 from cli_helpers import run_cli
-from foldgpt import healing
-from foldgpt.cli import _interrupt_on_sigterm
+from foldgpt.arch.adapters import adapter_for
+from foldgpt.cli.main import _interrupt_on_sigterm
 from foldgpt.errors import FoldGPTError
-from foldgpt.healing import HealConfig, WindowSchedule, heal, learning_rate, norm_parameters, save_healed, tail_loss
-from foldgpt.models import adapter_for
-from foldgpt.models.loading import LoadedModel
-from foldgpt.removal import remove_blocks
-from foldgpt.sharing import contiguous_groups, fold
+from foldgpt.formats.loading import LoadedModel
+from foldgpt.healing import loop as healing
+from foldgpt.healing.config import HealConfig
+from foldgpt.healing.data import WindowSchedule, learning_rate
+from foldgpt.healing.loop import heal
+from foldgpt.healing.save import save_healed
+from foldgpt.surgery.removal import remove_blocks
+from foldgpt.surgery.sharing import contiguous_groups, fold
+from foldgpt.train.lora import norm_parameters
+from foldgpt.train.losses import tail_loss
 from tiny import DEPTH, FAMILIES, random_ids, save_tiny, tiny_model, tiny_tokenizer
 
 
@@ -176,7 +181,7 @@ def test_ctrl_c_or_sigterm_finishes_the_step_writes_a_checkpoint_and_resume_comp
     student, teacher = teacher_and_student("llama")
     full = heal(student, teacher, settings)
 
-    original = healing._train_step
+    original = healing.train_step
 
     def step_then_signal(*args, **kwargs):
         record = original(*args, **kwargs)
@@ -185,14 +190,14 @@ def test_ctrl_c_or_sigterm_finishes_the_step_writes_a_checkpoint_and_resume_comp
         return record
 
     handler_before = signal.getsignal(signum)
-    monkeypatch.setattr(healing, "_train_step", step_then_signal)
+    monkeypatch.setattr(healing, "train_step", step_then_signal)
     student, teacher = teacher_and_student("llama")
     with pytest.raises(KeyboardInterrupt):
         heal(student, teacher, settings, out=tmp_path / "healed")
     assert signal.getsignal(signal.SIGTERM) is cli_sigterm and signal.getsignal(signum) is handler_before  # restored
     assert not (tmp_path / "healed").exists()
     assert torch.load(tmp_path / "healed.checkpoint" / "checkpoint.pt", weights_only=False)["step"] == 2
-    monkeypatch.setattr(healing, "_train_step", original)
+    monkeypatch.setattr(healing, "train_step", original)
     student, teacher = teacher_and_student("llama")
     resumed = heal(student, teacher, settings, out=tmp_path / "healed", resume=True)
     assert [r["loss"] for r in resumed.history] == [r["loss"] for r in full.history]
@@ -278,14 +283,14 @@ def test_checkpointed_healing_keeps_functional_dropout_off(text_file):
 
 
 def test_lora_dropout_still_applies_while_the_base_model_is_in_eval_mode(text_file, monkeypatch):
-    original = healing._train_step
+    original = healing.train_step
     modes: list[dict[str, tuple[type, bool]]] = []
 
     def recording_modes(model, *args, **kwargs):
         modes.append({name: (type(module), module.training) for name, module in model.named_modules()})
         return original(model, *args, **kwargs)
 
-    monkeypatch.setattr(healing, "_train_step", recording_modes)
+    monkeypatch.setattr(healing, "train_step", recording_modes)
     settings = config(text_file, steps=2, lora_dropout=0.5, gradient_checkpointing=True)
     with_lora_dropout = [r["loss"] for r in heal(*gpt2_pair(0.5), settings).history]
     layers = {f"base_model.model.transformer.h.{i}" for i in range(DEPTH - 1)}
@@ -297,7 +302,7 @@ def test_lora_dropout_still_applies_while_the_base_model_is_in_eval_mode(text_fi
         assert {name for name, training in dropouts.items() if training} == lora
         # everything else in eval mode, but the decoder layers keep activation checkpointing's flag
         assert {name for name, (_, training) in step.items() if training and ".lora_dropout" not in name} == layers
-    monkeypatch.setattr(healing, "_train_step", original)
+    monkeypatch.setattr(healing, "train_step", original)
     without = [r["loss"] for r in heal(*gpt2_pair(0.5), replace(settings, lora_dropout=0.0)).history]
     assert with_lora_dropout[0] == without[0]  # LoRA's B starts at zero: its dropout cannot matter in step 1
     assert with_lora_dropout[1] != without[1]

@@ -2,7 +2,7 @@
 
 import json
 
-from foldgpt.cli import main
+from foldgpt.cli.main import main
 from tiny import save_tiny
 
 
@@ -29,7 +29,7 @@ def test_a_pruned_folder_has_a_manifest_that_verify_accepts_and_that_catches_dam
 
 
 def test_the_input_identity_changes_with_the_input_weights(tmp_path):
-    from foldgpt.manifest import model_identity
+    from foldgpt.core.manifest import model_identity
 
     first = model_identity(str(save_tiny(tmp_path / "a", seed=0)))
     assert model_identity(str(tmp_path / "a")) == first

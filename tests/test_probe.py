@@ -6,12 +6,13 @@ import torch
 import torch.nn.functional as F
 
 import foldgpt
+from foldgpt.arch.adapters import adapter_for
 from foldgpt.errors import FoldGPTError
-from foldgpt.evaluation import windows_perplexity
-from foldgpt.importance.gates import GateConfig
-from foldgpt.importance.probe import ProbeConfig, candidate_sets, choose_by_probe, heldout_windows, screen_sets, without
-from foldgpt.models import adapter_for
-from foldgpt.models.loading import LoadedModel
+from foldgpt.eval.perplexity import windows_perplexity
+from foldgpt.formats.loading import LoadedModel
+from foldgpt.selection.candidates import candidate_sets, heldout_windows, screen_sets, without
+from foldgpt.selection.config import GateConfig, ProbeConfig
+from foldgpt.workflows.probe import choose_by_probe
 from tiny import DEPTH, FAMILIES, identity_block_model, random_ids, tiny_model, tiny_tokenizer
 
 

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import foldgpt
-from foldgpt.data import CalibrationConfig
+from foldgpt.data.config import CalibrationConfig
 
 pytestmark = pytest.mark.real_model
 
@@ -53,7 +53,7 @@ def test_pruned_smollm2_saves_and_reloads_to_identical_logits(tmp_path):
 
 
 def test_a_gguf_file_loads_directly_to_the_same_model_as_the_cached_alias(smollm2):
-    from foldgpt.models.loading import smollm2_gguf_path
+    from foldgpt.formats.loading import smollm2_gguf_path
 
     direct = foldgpt.load_model(str(smollm2_gguf_path()))
     assert getattr(direct.model.config, "quantization_config", None) is None
@@ -64,8 +64,9 @@ def test_a_gguf_file_loads_directly_to_the_same_model_as_the_cached_alias(smollm
 
 
 def test_folded_smollm2_compact_folder_is_unique_bytes_on_disk_and_reloads_exactly(smollm2, tmp_path):
-    from foldgpt.folding import fold_model, folder_weight_bytes
-    from foldgpt.models.loading import LoadedModel
+    from foldgpt.formats.loading import LoadedModel
+    from foldgpt.formats.plain import folder_weight_bytes
+    from foldgpt.workflows.fold import fold_model
 
     loaded = LoadedModel(foldgpt.load_model("smollm2-135m").model, smollm2.tokenizer, smollm2.source)
     result = fold_model(loaded, group_size=2, out=tmp_path / "g2")

@@ -7,10 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from foldgpt.arch.adapters import LINEAR_TYPES, adapter_for
 from foldgpt.errors import FoldGPTError
-from foldgpt.models import adapter_for
-from foldgpt.models.adapters import LINEAR_TYPES
-from foldgpt.removal import blocks_removed_temporarily, blocks_to_remove_count, remove_blocks, validate_removed
+from foldgpt.surgery.removal import blocks_removed_temporarily, blocks_to_remove_count, remove_blocks, validate_removed
 from tiny import DEPTH, FAMILIES, random_ids, tiny_model
 
 REMOVED = [1, 3]

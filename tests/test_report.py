@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from foldgpt.cli import main
-from foldgpt.report import collect_rows, report_table
+from foldgpt.cli.main import main
+from foldgpt.workflows.report import collect_rows, report_table
 
 
 def fake_run(folder, model="m", compressed_acc=0.6, unique=60):

@@ -6,15 +6,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from foldgpt.cli import main
+from foldgpt.arch.adapters import adapter_for
+from foldgpt.cli.main import main
 from foldgpt.errors import FoldGPTError
-from foldgpt.folding import export_plain, fold_model, folder_weight_bytes
-from foldgpt.models import adapter_for, load_model
-from foldgpt.models.compact import WEIGHTS_FILE
-from foldgpt.models.loading import LoadedModel
-from foldgpt.pruning import prune
-from foldgpt.removal import remove_blocks
-from foldgpt.sharing import choose_parents, contiguous_groups, parse_groups
+from foldgpt.formats.compact import WEIGHTS_FILE
+from foldgpt.formats.loading import LoadedModel, load_model
+from foldgpt.formats.plain import export_plain, folder_weight_bytes
+from foldgpt.surgery.removal import remove_blocks
+from foldgpt.surgery.sharing import choose_parents, contiguous_groups, parse_groups
+from foldgpt.workflows.fold import fold_model
+from foldgpt.workflows.prune import prune
 from tiny import DEPTH, FAMILIES, random_ids, tiny_model, tiny_tokenizer
 
 

@@ -10,11 +10,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import foldgpt
-from foldgpt.budget import RemovalTarget, branch_parameters, sublayer_budget
-from foldgpt.cli import main
+from foldgpt.arch.adapters import adapter_for
+from foldgpt.cli.main import main
 from foldgpt.errors import FoldGPTError
-from foldgpt.importance.gates import (
-    GateConfig,
+from foldgpt.formats.loading import LoadedModel
+from foldgpt.selection.config import GateConfig
+from foldgpt.selection.gates import (
     GateTrainingResult,
     gated,
     next_lambda,
@@ -22,10 +23,10 @@ from foldgpt.importance.gates import (
     sublayer_flops_weights,
     train_gates,
 )
-from foldgpt.models import adapter_for
-from foldgpt.models.loading import LoadedModel
-from foldgpt.removal import count_parameters, remove_blocks
-from foldgpt.sublayers import CONFIG_KEY, ZeroBranch, drop_removed_sublayers, zero_branch_output
+from foldgpt.surgery.budget import RemovalTarget, branch_parameters, sublayer_budget
+from foldgpt.surgery.removal import count_parameters, remove_blocks
+from foldgpt.surgery.sublayers import REMOVED_SUBLAYERS_KEY as CONFIG_KEY
+from foldgpt.surgery.sublayers import ZeroBranch, drop_removed_sublayers, zero_branch_output
 from tiny import DEPTH, FAMILIES, random_ids, save_tiny, tiny_model, tiny_tokenizer
 
 # t = 1.5: with t = 1 a gate above the mean feels only the regulariser's coupling term, and with the unequal FLOPs

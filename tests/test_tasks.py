@@ -8,8 +8,8 @@ import pytest
 
 import foldgpt
 from cli_helpers import assert_one_line_error, run_cli
-from foldgpt.data import data_dir
-from foldgpt.lm_tasks import SHIPPED_TASKS, arc_record, task_dir
+from foldgpt.data.text import data_dir
+from foldgpt.eval.lm_tasks import SHIPPED_TASKS, arc_record, task_dir
 from tiny import save_tiny
 
 DATA = data_dir()
@@ -169,7 +169,7 @@ def test_foldgpt_eval_equals_a_direct_lm_eval_run_on_smollm2(capsys, tmp_path):
 def test_a_peft_wrapped_model_is_scored_like_a_plain_one():
     from peft import LoraConfig, get_peft_model  # noqa: PLC0415
 
-    from foldgpt.lm_tasks import evaluate_tasks  # noqa: PLC0415
+    from foldgpt.eval.lm_tasks import evaluate_tasks  # noqa: PLC0415
     from tiny import tiny_model, tiny_tokenizer  # noqa: PLC0415
 
     plain = evaluate_tasks(tiny_model("llama"), tiny_tokenizer(), ["winogrande"], limit=3)

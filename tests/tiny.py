@@ -23,7 +23,7 @@ from transformers import (
     Qwen3Config,
 )
 
-from foldgpt.models import adapter_for
+from foldgpt.arch.adapters import adapter_for
 
 VOCAB = 128
 DEPTH = 6
