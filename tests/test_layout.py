@@ -23,9 +23,7 @@ def package_modules() -> list[Path]:
 def foldgpt_imports(tree: ast.AST) -> list[ast.ImportFrom | ast.Import]:
     found: list[ast.ImportFrom | ast.Import] = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "foldgpt":
-            found.append(node)
-        elif isinstance(node, ast.Import) and any(alias.name.split(".")[0] == "foldgpt" for alias in node.names):
+        if (isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "foldgpt") or (isinstance(node, ast.Import) and any(alias.name.split(".")[0] == "foldgpt" for alias in node.names)):
             found.append(node)
     return found
 
