@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
@@ -14,12 +16,35 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:
     return torch.tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.long)
 
 
+def calibration_starts(length: int, nsamples: int, seqlen: int, seed: int = 0) -> list[int]:
+    """Where ``calibration_windows`` cuts its windows from a text of ``length`` tokens (seeded random offsets), so
+    that held-out text can avoid them."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, length - seqlen + 1, (nsamples,), generator=generator).tolist()
+
+
 def calibration_windows(token_ids: torch.Tensor, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
     """``nsamples`` windows of ``seqlen`` tokens at seeded random offsets, shape ``[nsamples, seqlen]``."""
     _check_window_args(token_ids, nsamples, seqlen)
-    generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(token_ids) - seqlen + 1, (nsamples,), generator=generator)
-    return torch.stack([token_ids[start : start + seqlen] for start in starts.tolist()])
+    starts = calibration_starts(len(token_ids), nsamples, seqlen, seed)
+    return torch.stack([token_ids[start : start + seqlen] for start in starts])
+
+
+def windows_avoiding(token_ids: torch.Tensor, seqlen: int, max_tokens: int, avoid: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """Consecutive non-overlapping windows of ``seqlen`` tokens from the start of ``token_ids``, skipping every window
+    that overlaps a span ``[start, end)`` of ``avoid``, until ``max_tokens`` tokens are taken: text that a method
+    calibrated on ``avoid`` has never seen. Fewer windows (at least one) when the text runs out."""
+    _check_window_args(token_ids, 1, seqlen)
+    kept: list[torch.Tensor] = []
+    for start in range(0, len(token_ids) - seqlen + 1, seqlen):
+        if len(kept) * seqlen >= max_tokens:
+            break
+        if not any(start < end and begin < start + seqlen for begin, end in avoid):
+            kept.append(token_ids[start : start + seqlen])
+    if not kept:
+        raise FoldGPTError(f"no window of {seqlen} tokens of the held-out text is free of the calibration windows; "
+                           "use more text or fewer --nsamples")
+    return torch.stack(kept)
 
 
 def evaluation_windows(token_ids: torch.Tensor, seqlen: int, max_tokens: int | None = None) -> torch.Tensor:

@@ -26,13 +26,19 @@ from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
+from transformers import PreTrainedModel
 
+from foldgpt.analysis.redundancy import redundancy_stats
+from foldgpt.data.config import CalibrationConfig
 from foldgpt.data.text import load_text
-from foldgpt.data.windows import evaluation_windows, tokenize
+from foldgpt.data.windows import calibration_starts, evaluation_windows, tokenize, windows_avoiding
 from foldgpt.errors import FoldGPTError
 from foldgpt.eval.perplexity import windows_perplexity
 from foldgpt.formats.loading import LoadedModel
+from foldgpt.selection.angular import selection_from_stats as angular_selection
+from foldgpt.selection.bi import selection_from_stats as bi_selection
 from foldgpt.selection.config import ProbeConfig
+from foldgpt.selection.sleb import select_by_sleb
 from foldgpt.surgery.removal import blocks_removed_temporarily, remove_blocks
 
 
@@ -48,11 +54,51 @@ def candidate_sets(scores: Sequence[float], n_remove: int, count: int, pool: int
     return [sorted(combo) for combo in ranked]
 
 
-def heldout_windows(dense: LoadedModel, config: ProbeConfig) -> torch.Tensor:
+def heldout_windows(dense: LoadedModel, config: ProbeConfig, calibration: CalibrationConfig | None = None) -> torch.Tensor:
     """The first ``eval_tokens`` tokens of ``eval_data``'s calibration split, in windows of ``seqlen`` (of all its
-    tokens in one window if the text is shorter: a small ``--calibration`` file still gets a screen)."""
+    tokens in one window if the text is shorter: a small ``--calibration`` file still gets a screen).
+
+    With ``calibration`` drawn from the same text, every window that overlaps one of its calibration windows is
+    skipped, so that the candidates are judged on text the selection methods never saw.
+    """
     tokens = tokenize(dense.tokenizer, load_text(config.eval_data, "calibration"))
-    return evaluation_windows(tokens, min(config.seqlen, len(tokens)), config.eval_tokens)
+    seqlen = min(config.seqlen, len(tokens))
+    if calibration is None or calibration.data != config.eval_data or seqlen < config.seqlen:
+        return evaluation_windows(tokens, seqlen, config.eval_tokens)
+    starts = calibration_starts(len(tokens), calibration.nsamples, calibration.seqlen, calibration.seed)
+    return windows_avoiding(tokens, seqlen, config.eval_tokens, [(start, start + calibration.seqlen) for start in starts])
+
+
+def baseline_sets(model: PreTrainedModel, windows: torch.Tensor, n_remove: int, methods: Sequence[str]) -> dict[str, list[int]]:
+    """The set each of ``methods`` (``BASELINE_CANDIDATES``) removes, from the calibration ``windows``: bi and angular
+    share one statistics pass."""
+    sets: dict[str, list[int]] = {}
+    if {"bi", "angular"} & set(methods):
+        stats = redundancy_stats(model, windows)
+        if "bi" in methods:
+            sets["bi"] = bi_selection(stats, n_remove).removed
+        if "angular" in methods:
+            sets["angular"] = angular_selection(stats, n_remove).removed
+    if "sleb" in methods:
+        sets["sleb"] = select_by_sleb(model, windows, n_remove, 0).removed
+    return sets
+
+
+def merged_candidates(near_ties: list[list[int]], baselines: dict[str, list[int]]) -> list[tuple[list[int], list[str]]]:
+    """Every distinct set once, with the names of what proposed it: ``gates`` for the near-ties (in their order), then
+    each baseline's set (added to the proposers of an equal near-tie instead of repeated)."""
+    merged: dict[tuple[int, ...], list[str]] = {tuple(removed): ["gates"] for removed in near_ties}
+    for name, removed in baselines.items():
+        merged.setdefault(tuple(sorted(removed)), []).append(name)
+    return [(list(removed), origins) for removed, origins in merged.items()]
+
+
+def polarization(gates: Sequence[float], low: float = 0.3, high: float = 0.7) -> dict:
+    """Whether trained gates split into closed and open ones: ``{"polarized", "half_open", "low", "high"}`` with the
+    indices of the gates still between ``low`` and ``high``. Reading a removal off half-open gates ranks blocks by the
+    damage of *dimming* them, which can be far from the damage of removing them (docs/results/gate-selection.md)."""
+    half_open = [index for index, value in enumerate(gates) if low < value < high]
+    return {"polarized": not half_open, "half_open": half_open, "low": low, "high": high}
 
 
 def without(dense: LoadedModel, removed: list[int]) -> LoadedModel:
@@ -61,14 +107,18 @@ def without(dense: LoadedModel, removed: list[int]) -> LoadedModel:
                        source=dense.source)
 
 
-def screen_sets(dense: LoadedModel, candidates: list[list[int]], windows: torch.Tensor) -> list[dict]:
-    """Each candidate's perplexity on ``windows`` without healing: ``{"removed", "ppl_before"}``. The blocks are taken
-    out of ``dense`` for the forward passes and put back (``blocks_removed_temporarily``, as SLEB does): no copy, so the
-    screen needs no memory for a second model."""
+def screen_sets(dense: LoadedModel, candidates: list[list[int]], windows: torch.Tensor,
+                origins: Sequence[list[str]] | None = None) -> list[dict]:
+    """Each candidate's perplexity on ``windows`` without healing: ``{"removed", "ppl_before"}`` (and ``"origin"``,
+    what proposed it, when ``origins`` is given). The blocks are taken out of ``dense`` for the forward passes and put
+    back (``blocks_removed_temporarily``, as SLEB does): no copy, so the screen needs no memory for a second model."""
     records = []
-    for removed in tqdm(candidates, desc="screening sets", leave=False):
+    for index, removed in enumerate(tqdm(candidates, desc="screening sets", leave=False)):
         with blocks_removed_temporarily(dense.model, removed) as student:
-            records.append({"removed": removed, "ppl_before": windows_perplexity(student, windows, progress=False)})
+            record = {"removed": removed, "ppl_before": windows_perplexity(student, windows, progress=False)}
+        if origins is not None:
+            record["origin"] = origins[index]
+        records.append(record)
     return records
 
 

@@ -136,6 +136,11 @@ class ProbeConfig:
     tokens ordered the 6-block sets right but picked a 4-block set that the full heal put last; probes of the full
     25 steps scored on 32,768 tokens order the 4-block sets as the full heal does on the test split and keep the
     6-block pick. The screen stays on the first 8,192 tokens (24 forward passes of 32k would cost more than the probes).
+
+    ``baselines``: the sets these methods choose on the same calibration windows join the gates' near-ties among the
+    screened candidates, so the screen can only remove the gates' set where it really scores lower than the
+    baselines' on held-out text (on Gemma-3-270M every near-tie of the gates held the last blocks, whose joint removal
+    is ruinous: docs/results/gate-selection.md). The held-out text never overlaps a calibration window.
     """
 
     sets: int = 0
@@ -148,6 +153,7 @@ class ProbeConfig:
     eval_tokens: int = 32768
     screen_tokens: int = 8192
     seed: int = 0
+    baselines: tuple[str, ...] = ("bi", "angular")
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> ProbeConfig:
@@ -169,11 +175,21 @@ class ProbeConfig:
         for name in ("steps", "seqlen"):
             if getattr(self, name) < 1:
                 raise FoldGPTError(f"healing probes need {name} >= 1, got {getattr(self, name)}")
+        object.__setattr__(self, "baselines", tuple(self.baselines))
+        unknown = [name for name in self.baselines if name not in BASELINE_CANDIDATES]
+        if unknown:
+            raise FoldGPTError(f"unknown baseline candidate(s) {', '.join(unknown)}; choose among "
+                               f"{', '.join(BASELINE_CANDIDATES)}")
         for name in ("eval_tokens", "screen_tokens"):
             if getattr(self, name) < self.seqlen:
                 raise FoldGPTError(f"healing probes score at least one window: {name} ({getattr(self, name)}) must be >= "
                                    f"seqlen ({self.seqlen})")
 
+
+BASELINE_CANDIDATES = ("bi", "angular", "sleb")
+"""Methods whose sets join the gates' near-ties as screen candidates (``ProbeConfig.baselines``): the screen then
+removes the gates' choice only where it really scores lower than theirs (docs/results/gate-selection.md). SLEB costs
+``n_remove * blocks`` calibration passes, so it is off by default."""
 
 PRUNE_SCREEN = ProbeConfig(sets=0, screen=24)
 """``foldgpt prune --method gates``'s default: screen the 24 sets nearest the gates' pick on held-out text and remove

@@ -10,11 +10,19 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from foldgpt.data.config import CalibrationConfig
 from foldgpt.eval.perplexity import windows_perplexity
 from foldgpt.formats.loading import LoadedModel
 from foldgpt.healing.config import HealConfig
 from foldgpt.healing.loop import heal
-from foldgpt.selection.candidates import candidate_sets, heldout_windows, screen_sets, without
+from foldgpt.selection.candidates import (
+    baseline_sets,
+    candidate_sets,
+    heldout_windows,
+    merged_candidates,
+    screen_sets,
+    without,
+)
 from foldgpt.selection.config import ProbeConfig
 
 
@@ -33,20 +41,29 @@ def probe_sets(dense: LoadedModel, records: list[dict], windows: torch.Tensor, c
     return probed
 
 
-def choose_by_probe(dense: LoadedModel, scores: Sequence[float], n_remove: int, config: ProbeConfig) -> dict:
+def choose_by_probe(dense: LoadedModel, scores: Sequence[float], n_remove: int, config: ProbeConfig,
+                    calibration: CalibrationConfig | None = None, calibration_windows: torch.Tensor | None = None) -> dict:
     """Screen and probe the candidates of ``scores``; ``{"chosen", "first", "screened", "candidates", "config"}``
     for ``foldgpt.json`` (``first``: the plain lowest-score set; ``candidates``: the healed ones). With ``sets`` 0
-    nothing heals: the set with the lowest screened perplexity is chosen (``prune``'s default, see ``PRUNE_SCREEN``)."""
-    windows = heldout_windows(dense, config)
-    candidates = candidate_sets(scores, n_remove, max(config.screen, config.sets), config.pool)
+    nothing heals: the set with the lowest screened perplexity is chosen (``prune``'s default, see ``PRUNE_SCREEN``).
+
+    With the ``calibration_windows`` the scores came from, the sets of ``config.baselines`` (bi, angular) are
+    screened beside the near-ties of ``scores``, each record naming its ``origin``; with their ``calibration``, the
+    held-out windows skip every calibration window (``heldout_windows``).
+    """
+    windows = heldout_windows(dense, config, calibration)
+    near_ties = candidate_sets(scores, n_remove, max(config.screen, config.sets), config.pool)
+    baselines = {} if calibration_windows is None else baseline_sets(dense.model, calibration_windows, n_remove, config.baselines)
+    merged = merged_candidates(near_ties, baselines)
     seqlen = windows.shape[1]
-    screened = screen_sets(dense, candidates, windows[: config.screen_tokens // seqlen])  # >= 1: screen_tokens >= seqlen
+    screen_windows = windows[: max(1, config.screen_tokens // seqlen)]
+    screened = screen_sets(dense, [removed for removed, _ in merged], screen_windows,
+                           [origins for _, origins in merged] if baselines else None)
     best_screened = sorted(screened, key=lambda record: record["ppl_before"])
+    outcome = {"first": near_ties[0], "screened": screened, "config": asdict(config), "baselines": baselines,
+               "heldout": {"windows": len(windows), "screen_windows": len(screen_windows), "seqlen": seqlen}}
     if config.sets == 0:
-        return {"chosen": best_screened[0]["removed"], "first": candidates[0], "screened": screened, "candidates": [],
-                "config": asdict(config)}
-    best_screened = best_screened[: config.sets]
-    probed = probe_sets(dense, best_screened, windows, config)
+        return {"chosen": best_screened[0]["removed"], **outcome, "candidates": []}
+    probed = probe_sets(dense, best_screened[: config.sets], windows, config)
     best = min(probed, key=lambda record: record["ppl_after"])
-    return {"chosen": best["removed"], "first": candidates[0], "screened": screened, "candidates": probed,
-            "config": asdict(config)}
+    return {"chosen": best["removed"], **outcome, "candidates": probed}

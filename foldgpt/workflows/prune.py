@@ -7,10 +7,13 @@ and the returned model has them replaced by weightless ``ZeroBranch``-es, as ``f
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+import torch
 
 from foldgpt._version import __version__
 from foldgpt.analysis.figures import plot_gate_history, plot_sublayer_gate_history
@@ -24,6 +27,7 @@ from foldgpt.errors import FoldGPTError
 from foldgpt.formats.loading import LoadedModel
 from foldgpt.formats.plain import save_plain_model
 from foldgpt.selection.base import Selection, select_blocks_with
+from foldgpt.selection.candidates import polarization
 from foldgpt.selection.config import GRANULARITIES, GateConfig, ProbeConfig, default_calibration
 from foldgpt.selection.gates import select_by_gates_with, select_sublayers_by_gates_with
 from foldgpt.selection.registry import METHODS, select_blocks
@@ -130,8 +134,10 @@ def prune(
             selection = select_blocks_with(select_by_gates_with(gate_config), "gates", model, windows, n_remove, calibration.seed)
         else:
             selection = select_blocks(method, model, windows, n_remove, calibration.seed)
+        if method == "gates" and granularity == "block":  # half-open gates rank dimming, not removal: say so
+            selection.details["polarization"] = warn_if_unpolarized(polarization(selection.scores or []))
         if probe is not None:
-            selection = probed_selection(loaded, selection, n_remove, probe)
+            selection = probed_selection(loaded, selection, n_remove, probe, calibration, windows)
     saved_sublayers = _remove(model, selection, num_blocks)
     parameters_after = count_parameters(model) - _branch_total(model, saved_sublayers, lambda block, branch: branch_parameters(model, block, branch))
     flops_after = model_flops_per_token(model, target.flops_context) - _branch_total(
@@ -178,13 +184,25 @@ def prune(
     return PruneResult(selection=selection, loaded=loaded, metadata=metadata)
 
 
-def probed_selection(loaded: LoadedModel, selection: Selection, n_remove: int, probe: ProbeConfig) -> Selection:
+def warn_if_unpolarized(report: dict) -> dict:
+    """Print one line when gate training ended with gates still half open (``polarization``); returns ``report``."""
+    if not report["polarized"]:
+        print(f"foldgpt: warning: the gates did not polarize: block(s) {', '.join(map(str, report['half_open']))} ended "
+              f"between {report['low']} and {report['high']}, so they rank the cost of dimming blocks, not of removing "
+              "them; the screen of candidate sets decides on real removals (--gate-probe-screen > 0)", file=sys.stderr)
+    return report
+
+
+def probed_selection(loaded: LoadedModel, selection: Selection, n_remove: int, probe: ProbeConfig,
+                     calibration: CalibrationConfig | None = None, windows: torch.Tensor | None = None) -> Selection:
     """``selection`` with the set its screen / healing probes chose, their time added and their record under
-    ``details["probe"]`` (``loaded`` is the dense model: nothing has been removed yet)."""
+    ``details["probe"]`` (``loaded`` is the dense model: nothing has been removed yet). With the calibration
+    ``windows`` (and their ``calibration``) the baselines' sets join the candidates, judged on held-out text that
+    skips those windows (``choose_by_probe``)."""
     if selection.scores is None:
         raise FoldGPTError(f"method '{selection.method}' gives no per-block scores to draw probe candidates from")
     start = time.perf_counter()
-    outcome = choose_by_probe(loaded, selection.scores, n_remove, probe)
+    outcome = choose_by_probe(loaded, selection.scores, n_remove, probe, calibration, windows)
     seconds = time.perf_counter() - start
     details = {**selection.details, "probe": {**outcome, "seconds": seconds}}
     return replace(selection, removed=outcome["chosen"], details=details, seconds=selection.seconds + seconds)
