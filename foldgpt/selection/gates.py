@@ -11,7 +11,7 @@ the polarization regulariser of Zhuang et al. (NeurIPS 2020): ``t * |g|`` pulls 
 all shrinking together. Unlike Block Influence, which scores each block alone, the gates are trained jointly and
 so see how blocks compensate for one another. Gates only rank the blocks: the retained blocks ship unchanged.
 
-Sub-layer granularity (ours, DESIGN.md section 2): two gates per block, one on the attention's and one on the MLP's
+Sub-layer granularity (ours, docs/design.md section 2): two gates per block, one on the attention's and one on the MLP's
 residual update (``h += g_a * attention``, ``h += g_m * mlp``; the module whose output is that update is named by the
 adapter: ``attention_update`` / ``mlp_update``). Gate ``2 l`` is block ``l``'s attention, ``2 l + 1`` its MLP. They
 train exactly as block gates do, each weighted in ``R`` by its own share of the FLOPs, and budget control counts the
