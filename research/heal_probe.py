@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=2 python research/heal_probe.py --set gates6=4,5,13,14,25,26 --set bi6=12-14,17,25,26 --steps 8
 
-Each ``--set NAME=BLOCKS`` is removed from a copy of the dense model (``foldgpt.importance.probe.without``), healed for ``--steps`` steps of
+Each ``--set NAME=BLOCKS`` is removed from a copy of the dense model (``foldgpt.selection.candidates.without``), healed for ``--steps`` steps of
 ``--seqlen`` Alpaca tokens (the healing defaults otherwise: KL + tail + LM, LoRA rank 8), and scored before and after
 on held-out *calibration-domain* text: the first ``--probe-tokens`` tokens of the WikiText-2 validation split in
 windows of ``--seqlen`` (never the test split, so a probe may be used to choose a set). The question it answers:

@@ -4,7 +4,7 @@
 
 Reads the gates' per-block scores from a ``foldgpt prune --method gates`` folder (its ``foldgpt.json``; by default the
 ``./run.sh`` pipeline's pruned stage: 6 blocks, the default ``GateConfig``) and runs exactly what ``prune
---gate-probe-sets K`` runs after gate training (``foldgpt.importance.probe.choose_by_probe``), so the 3 x 80 gate steps
+--gate-probe-sets K`` runs after gate training (``foldgpt.workflows.probe.choose_by_probe``), so the 3 x 80 gate steps
 are not trained again. Prints the screened and healed candidates and writes JSON; heal the chosen set with
 ``benchmarks/healing.py --student NAME=DIR`` to see whether it heals better in full.
 """
