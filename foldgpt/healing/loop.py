@@ -47,15 +47,15 @@ from foldgpt.core.outputs import read_metadata
 from foldgpt.formats.loading import LoadedModel
 from foldgpt.healing.config import HealConfig
 from foldgpt.healing.lora import lora_targets
+from foldgpt.healing.run import HealingRun, checked_paths, prepare_run
 from foldgpt.healing.save import rebuilt_on_cpu, save_healed
-from foldgpt.healing.setup import HealingRun, checked_paths, prepare_run
 from foldgpt.healing.state import TrainingState, initial_state, write_checkpoint
 from foldgpt.healing.steps import check_finite, evaluate, loss_terms, train_step, weighted_loss
 from foldgpt.train.interrupts import deferred_interrupt
 from foldgpt.train.lora import trainable_parameters
 from foldgpt.train.modes import activation_checkpointing, healing_mode
 
-# the step's pieces stay importable from here, as before they had a module of their own
+# the step's pieces (now in healing/steps.py) stay importable from here, where they were defined before
 __all__ = ["HealResult", "check_finite", "evaluate", "finish", "heal", "heal_metadata", "loss_terms", "run_loop",
            "train_step", "weighted_loss"]
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from foldgpt.errors import FoldGPTError
-from foldgpt.healing.setup import HealingRun
+from foldgpt.healing.run import HealingRun
 from foldgpt.healing.steps import evaluate
 from foldgpt.train.checkpoints import load_checkpoint, save_checkpoint
 
