@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 bash scripts/setup_env.sh
 VENV="${FOLDGPT_VENV:-.venv}"
-"$VENV/bin/ruff" check foldgpt tests benchmarks
+"$VENV/bin/ruff" check foldgpt tests benchmarks research
 "$VENV/bin/mypy" foldgpt
 "$VENV/bin/lint-imports" --no-cache
 exec "$VENV/bin/python" -m pytest "$@"

@@ -14,7 +14,7 @@ and three probe heals: about 22 minutes here); and any folder given as ``--stude
 on ``--data`` (Alpaca by default) for ``--tokens`` tokens with KL + tail + LM; the ``--ablation-cases`` are also
 healed with KL only and KL + tail. The teacher's outputs are cached once on disk (``--work/teacher-cache``) and shared
 by every run (the runs see the same windows).
-Perplexity: WikiText-2 test, the first ``--max-tokens`` tokens in windows of ``--eval-seqlen`` (the README protocol).
+Perplexity: WikiText-2 test, the first ``--max-tokens`` tokens in windows of ``--eval-seqlen`` (docs/design.md section 8).
 
 Throughput (``--throughput-steps``): a healing step with the teacher computed on the fly against a plain step of the same
 student (forward + backward of the LM loss with every weight trainable) plus a teacher forward, on the same windows.

@@ -1,4 +1,4 @@
-"""Removing blocks must give exactly the smaller model of the same architecture (DESIGN.md pitfalls)."""
+"""Removing blocks must give exactly the smaller model of the same architecture (docs/design.md, "Pitfalls known from peers")."""
 
 import copy
 import json

@@ -4,7 +4,7 @@ A compact folder holds ``config.json`` (the model's own config plus the group ma
 ``model.compact.safetensors`` (each distinct tensor once; the names under which it is reused are listed in the file's
 metadata as aliases), the tokenizer, ``foldgpt.json``, and, after healing, ``adapter/`` (a peft LoRA adapter with one
 adapter per block position). Vanilla ``save_pretrained`` cannot write this: safetensors refuses tensors that share
-memory and transformers silently drops the "duplicates", which then load back random (DESIGN.md, pitfalls).
+memory and transformers silently drops the "duplicates", which then load back random (docs/design.md, "Pitfalls known from peers").
 
 Loading builds the model with empty (meta) parameters, assigns the stored tensors, and re-points every alias at its
 Parameter, so the process's memory grows by the unique bytes, not by the materialised model.

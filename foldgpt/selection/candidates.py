@@ -1,7 +1,7 @@
 """Healing probes: choose among near-tied removal sets by how well each *heals*, not by its damage before healing.
 
 Why: on SmolLM2-135M the gates' set for 6 blocks (4 5 13 14 25 26) is the lowest-perplexity set before healing, yet
-Block Influence's (12 13 14 17 25 26) ends lower after the same healing, on Alpaca and on in-domain text alike (README,
+Block Influence's (12 13 14 17 25 26) ends lower after the same healing, on Alpaca and on in-domain text alike (docs/results/healing.md,
 "Window length, budget and seed"). Gates rank blocks by the damage their removal does to the frozen model; what a
 user ships is the healed model. A probe asks the healed question directly, on a small scale: each candidate set is
 removed from a copy of the dense model, healed for ``steps`` steps of the default heal (``HealConfig``: LoRA + norms,

@@ -25,10 +25,10 @@ GRANULARITIES = ("block", "sublayer")
 class GateConfig:
     """Hyper-parameters of gate training.
 
-    Defaults were chosen on SmolLM2-135M with ``benchmarks/tune_gates.py`` (removing 6 blocks, perplexity on WikiText-2
+    Defaults were chosen on SmolLM2-135M with ``research/tune_gates.py`` (removing 6 blocks, perplexity on WikiText-2
     and PTB *validation* text): budget control on (``lam_growth=0.1``) and 80 steps beat a fixed ``lam=0.5`` (60
     steps) and the variants ``lam_growth=0.05`` with 120 steps and ``t=2``; results in
-    ``benchmarks/results/tune_gates.json``.
+    ``research/results/tune_gates.json``.
 
     ``lam`` weighs the polarization regulariser against the distillation loss and ``t`` its pull towards 0; with
     ``t = 1`` an open gate above the mean feels almost no pull, while a gate below the mean is pushed down with
@@ -43,21 +43,21 @@ class GateConfig:
     swings between 0 and about 15 with a period of some 25 steps. ``lam_damping < 1`` multiplies the growth by it at
     every reversal so that ``lam`` settles; ``polarization_center="target"`` splits the regulariser at the removal
     target instead of the mean (``target_center``). Neither is the default: on three calibration draws neither
-    chose better blocks on validation text (README, "How much the choice depends on the calibration draw").
+    chose better blocks on validation text (docs/results/gate-stability.md).
 
     ``optimizer="sgd"`` (momentum 0.9) makes a gate's step scale with its gradient instead of Adam's per-gate
     normalisation, which moves every gate at about ``lr`` whatever its gradient. ``hard_steps > 0`` runs the last
     ``hard_steps`` of the ``steps`` with the blocks the target would remove now really removed (``hard_removal_mask``:
     a 0/1 mask in the forward, the gradient passed straight through to the gates, ``lam`` held), so that the loss is
-    that of removal rather than of scaling. Neither is the default: both chose worse blocks on validation text (README).
+    that of removal rather than of scaling. Neither is the default: both chose worse blocks on validation text (docs/results/gate-stability.md).
 
     ``restarts > 1`` trains the gates that many times from scratch on the same windows (run ``k`` with seed
     ``seed + k``, so another window order) and removes by ``ensemble_gates``: each run's gates averaged over its last
     quarter, then over the runs. Why: the budget controller leaves a run on one of several near-tied sets, depending
     on where its swings stop; the average keeps what the runs agree on. It costs ``restarts`` times the training.
     The default of 3 was chosen on validation text with 64 calibration windows: it removed blocks 4 5 13 14 25 26 for
-    a 6-block target and 4 5 14 26 for 4, better than one run and than Block Influence there (README, "How much the
-    choice depends on the calibration draw").
+    a 6-block target and 4 5 14 26 for 4, better than one run and than Block Influence there
+    (docs/results/gate-stability.md).
 
     ``lora_rank > 0`` (ours, beyond the paper) makes the gates heal-aware: every projection of every block gets a LoRA
     adapter of that rank (peft; ``lora_alpha = 2 * rank``, as healing's default 8/16) that trains with the gates at
@@ -65,7 +65,7 @@ class GateConfig:
     for can then close, which is what healing later does; frozen weights rank the blocks by the damage before any
     healing. The adapters are discarded after (gates rank, they do not ship); the cost is LoRA's share of the backward.
     Not the default: on SmolLM2 the adapters also made up for gates that all shrink a little, so the gates stopped
-    polarizing, and the blocks removed healed worse than the plain gates' (README, "Heal-aware gates").
+    polarizing, and the blocks removed healed worse than the plain gates' (docs/results/heal-aware-gates.md).
     """
 
     steps: int = 80
@@ -132,7 +132,7 @@ is ``PRUNE_SCREEN``: its output is judged before healing, so it picks by the scr
 class ProbeConfig:
     """How many candidate sets to probe (0 = off: keep the method's own set) and how long and where to probe them.
 
-    Defaults measured on SmolLM2-135M (README, "Choosing the set by a healing probe"): 8-step probes scored on 8,192
+    Defaults measured on SmolLM2-135M (docs/results/healing-probes.md): 8-step probes scored on 8,192
     tokens ordered the 6-block sets right but picked a 4-block set that the full heal put last; probes of the full
     25 steps scored on 32,768 tokens order the 4-block sets as the full heal does on the test split and keep the
     6-block pick. The screen stays on the first 8,192 tokens (24 forward passes of 32k would cost more than the probes).
@@ -194,16 +194,16 @@ removes the gates' choice only where it really scores lower than theirs (docs/re
 PRUNE_SCREEN = ProbeConfig(sets=0, screen=24)
 """``foldgpt prune --method gates``'s default: screen the 24 sets nearest the gates' pick on held-out text and remove
 the lowest, no healing. On SmolLM2 (validation text the screen never saw: WikiText-2 validation after the screened
-tokens and PTB validation; ``benchmarks/gate_screen.py``) it lowered the mean log perplexity at 4 and 6 blocks and on
-average over 4, 6 and 8; on the test split only at 4, where it takes PTB below angular distance's (README, "Screening
-the gates' near-ties")."""
+tokens and PTB validation; ``research/gate_screen.py``) it lowered the mean log perplexity at 4 and 6 blocks and on
+average over 4, 6 and 8; on the test split only at 4, where it takes PTB below angular distance's
+(docs/results/gate-screen.md)."""
 
 
 GATE_CALIBRATION_WINDOWS = 64
 """Default calibration windows for ``--method gates``: gate training draws one window per step (80 by default), so
 with the usual 16 (or 8) windows it sees each window five or ten times and its choice follows the draw; with 64 it
 sees most once, at the same cost. On SmolLM2 (6 blocks, three draws, validation text) that cut the spread of the
-chosen sets' mean log perplexity from 0.26 to 0.05 (README, "How much the choice depends on the calibration draw")."""
+chosen sets' mean log perplexity from 0.26 to 0.05 (docs/results/gate-stability.md)."""
 
 
 def default_calibration(method: str | None = None) -> CalibrationConfig:

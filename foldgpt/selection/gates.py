@@ -11,7 +11,7 @@ the polarization regulariser of Zhuang et al. (NeurIPS 2020): ``t * |g|`` pulls 
 all shrinking together. Unlike Block Influence, which scores each block alone, the gates are trained jointly and
 so see how blocks compensate for one another. Gates only rank the blocks: the retained blocks ship unchanged.
 
-Sub-layer granularity (ours, DESIGN.md section 2): two gates per block, one on the attention's and one on the MLP's
+Sub-layer granularity (ours, docs/design.md section 2): two gates per block, one on the attention's and one on the MLP's
 residual update (``h += g_a * attention``, ``h += g_m * mlp``; the module whose output is that update is named by the
 adapter: ``attention_update`` / ``mlp_update``). Gate ``2 l`` is block ``l``'s attention, ``2 l + 1`` its MLP. They
 train exactly as block gates do, each weighted in ``R`` by its own share of the FLOPs, and budget control counts the
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -220,18 +220,6 @@ def target_center(gates: torch.Tensor, n_remove: float, costs: torch.Tensor | No
     return float(values[order[needed]] + values[order[needed + 1]]) / 2
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 def window_batches(windows: torch.Tensor, micro_batch: int, seed: int) -> Iterator[torch.Tensor]:
     """Endless micro-batches of calibration windows: a fresh seeded permutation each pass over the data."""
     generator = torch.Generator().manual_seed(seed)
@@ -264,10 +252,6 @@ def _micro_batch_loss(
         teacher_logits = model(input_ids=ids, use_cache=False).logits
     student_logits = model(input_ids=ids, use_cache=False).logits
     return distillation_loss(student_logits, teacher_logits, config.temperature)
-
-
-
-
 
 
 def hard_removal_mask(gates: torch.Tensor, n_remove: float, costs: torch.Tensor | None = None) -> torch.Tensor:
@@ -378,11 +362,47 @@ def _train_gate_run(
     label: str,
 ) -> GateTrainingResult:
     """One gate training run of ``config.steps`` steps (``train_gates`` without restarts)."""
+    setup = _setup_gate_run(model, windows, granularity, costs)
+    batches = window_batches(windows, config.micro_batch, seed)
+    history = _GateHistory()
+    budget = _BudgetController(lam=config.lam, growth=config.lam_growth)
+    with _gate_training(model, setup, config, granularity, seed) as trainer:
+        run = _GateRun(model, config, n_remove, setup, trainer, batches)
+        progress = tqdm(range(1, config.steps + 1), desc=label, leave=False, disable=setup.rank != 0)
+        for step in progress:
+            distill, regularizer = run.step(step, budget.lam)
+            history.record(trainer.gates.tolist(), distill, regularizer, budget.lam)
+            budget.update(run.budget_direction(), config.lam_damping)
+            progress.set_postfix(loss=f"{history.totals[-1]:.4f}")
+    return _run_result(history, setup, config, granularity)
+
+
+@dataclass(frozen=True)
+class _GateRunSetup:
+    """Where a run trains and what it weighs, checked before any hook or optimiser exists."""
+
+    parallel: DataParallel | None
+    home: torch.device  # where the model is before and after the run
+    device: torch.device  # where it trains: ``home``, or under a launcher this process's device
+    weights: torch.Tensor  # each gate's share of the FLOPs, the regulariser's ``w_l``
+    costs: torch.Tensor | None  # budget control's cost per gate (None: one each)
+
+    @property
+    def rank(self) -> int:
+        return self.parallel.rank if self.parallel else 0
+
+    @property
+    def world(self) -> int:
+        return self.parallel.world if self.parallel else 1
+
+
+def _setup_gate_run(model: PreTrainedModel, windows: torch.Tensor, granularity: str, costs: list[float] | None) -> _GateRunSetup:
+    """Refuse what a run cannot train on (windows, a device map under a launcher, costs that miss gates) and say
+    where it runs."""
     _check_granularity(granularity)
     if windows.dim() != 2 or len(windows) == 0:
         raise FoldGPTError(f"gate training needs calibration windows of shape [n, seqlen], got {tuple(windows.shape)}")
     parallel = DataParallel.from_environment()
-    rank, world = (parallel.rank, parallel.world) if parallel else (0, 1)
     home = next(model.parameters()).device
     if parallel is not None and len(set((getattr(model, "hf_device_map", None) or {}).values())) > 1:
         raise FoldGPTError(
@@ -394,19 +414,30 @@ def _train_gate_run(
     if costs is not None and len(costs) != len(weights):
         raise FoldGPTError(f"budget control needs one cost per gate: {len(costs)} costs for {len(weights)} gates")
     cost_tensor = None if costs is None else torch.tensor(costs, dtype=torch.float64)
-    batches = window_batches(windows, config.micro_batch, seed)
-    history: list[list[float]] = []
-    totals: list[float] = []
-    distills: list[float] = []
-    regularizers: list[float] = []
-    lambdas: list[float] = []
-    lam = config.lam
-    growth, last_direction = config.lam_growth, 0
+    return _GateRunSetup(parallel=parallel, home=home, device=device, weights=weights, costs=cost_tensor)
+
+
+@dataclass
+class _GateTrainer:
+    """The trainable side of a run: the gates, the compensating LoRA (or None) with its adapters, the optimiser."""
+
+    gates: BlockGates
+    lora: Any
+    adapters: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+
+
+@contextmanager
+def _gate_training(
+    model: PreTrainedModel, setup: _GateRunSetup, config: GateConfig, granularity: str, seed: int
+) -> Iterator[_GateTrainer]:
+    """The model frozen, in eval mode and gated (and moved to this process's device) while the context is open;
+    on exit it is as before."""
     with ExitStack() as stack:
-        if device != home:  # data-parallel: this process's replica on its own device, back where it was after
+        if setup.device != setup.home:  # data-parallel: this process's replica on its own device, back where it was after
             module: nn.Module = model  # nn.Module.to: PreTrainedModel.to's annotations confuse mypy
-            module.to(device)
-            stack.callback(module.to, home)
+            module.to(setup.device)
+            stack.callback(module.to, setup.home)
         stack.enter_context(frozen_weights(model))
         stack.enter_context(eval_mode(model))
         stack.enter_context(activation_checkpointing(model, config.gradient_checkpointing))
@@ -417,60 +448,126 @@ def _train_gate_run(
                      else torch.optim.SGD([gates.values], lr=config.lr, momentum=0.9))
         if adapters:
             optimizer.add_param_group({"params": adapters, "lr": config.lora_lr})
-        progress = tqdm(range(1, config.steps + 1), desc=label, leave=False, disable=rank != 0)
-        for step in progress:
-            optimizer.zero_grad(set_to_none=True)
-            hard = step > config.steps - config.hard_steps
-            gates.hard_mask = (hard_removal_mask(gates.values.detach(), n_remove, cost_tensor)
-                               if hard and n_remove is not None else None)
-            distill = 0.0
-            for micro in range(config.grad_accum * world):
-                batch = next(batches)  # every rank draws the whole step's micro-batches, in one process's order
-                if micro // config.grad_accum != rank:
-                    continue  # another rank's share
-                loss = _micro_batch_loss(model, gates, batch.to(device), config, lora)
-                if parallel is None:
-                    _check_finite(loss, f"{config.loss} loss", step, config.steps)
-                (loss / config.grad_accum).backward()
-                distill += loss.item() / config.grad_accum
-            if parallel is not None:  # the same loss on every rank (a NaN on one stops all), then the mean gradient
-                distill = parallel.mean({"distill": distill})["distill"]
-                _check_finite(torch.tensor(distill), f"{config.loss} loss", step, config.steps)
-                for parameter in (gates.values, *adapters):
-                    assert parameter.grad is not None
-                    parallel.mean_(parameter.grad)
-            center = (target_center(gates.values, n_remove, cost_tensor)
-                      if config.polarization_center == "target" and n_remove is not None else None)
-            regularizer = polarization_regularizer(gates.values, weights, config.t, center)
-            _check_finite(regularizer, "polarization regularizer", step, config.steps)
-            (lam * regularizer).backward()
-            optimizer.step()
-            with torch.no_grad():
-                gates.values.clamp_(0.0, config.max_gate)
-            history.append(gates.tolist())
-            distills.append(distill)
-            regularizers.append(regularizer.item())
-            totals.append(distill + lam * regularizer.item())
-            lambdas.append(lam)
-            direction = 0 if gates.hard_mask is not None else budget_direction(gates.values.detach(), n_remove, config, cost_tensor)
-            if direction and last_direction and direction != last_direction:
-                growth *= config.lam_damping  # a reversal: the controller overshot, so it steps more gently
-            last_direction = direction or last_direction
-            lam *= (1 + growth) ** direction  # next_lambda's rule, with the damped growth
-            progress.set_postfix(loss=f"{totals[-1]:.4f}")
-    if parallel is not None and len({repr(ranked) for ranked in parallel.gather_object((history[-1], lambdas))}) > 1:
+        yield _GateTrainer(gates=gates, lora=lora, adapters=adapters, optimizer=optimizer)
+
+
+@dataclass
+class _GateRun:
+    """A run in progress (inside ``_gate_training``): what one optimiser step needs."""
+
+    model: PreTrainedModel
+    config: GateConfig
+    n_remove: float | None
+    setup: _GateRunSetup
+    trainer: _GateTrainer
+    batches: Iterator[torch.Tensor]
+
+    def step(self, step: int, lam: float) -> tuple[float, float]:
+        """Optimiser step ``step`` (1-based) with regulariser weight ``lam``; returns (distillation loss, regulariser).
+        The last ``hard_steps`` steps run the model with the hard removal mask of the moment."""
+        gates, config = self.trainer.gates, self.config
+        self.trainer.optimizer.zero_grad(set_to_none=True)
+        hard = step > config.steps - config.hard_steps
+        gates.hard_mask = (hard_removal_mask(gates.values.detach(), self.n_remove, self.setup.costs)
+                           if hard and self.n_remove is not None else None)
+        distill = self._distillation(step)
+        regularizer = self._regularizer(step, lam)
+        self.trainer.optimizer.step()
+        with torch.no_grad():
+            gates.values.clamp_(0.0, config.max_gate)
+        return distill, regularizer
+
+    def _distillation(self, step: int) -> float:
+        """The step's distillation (or LM) loss over this process's micro-batches, its gradient accumulated;
+        data-parallel: the loss and the gradients averaged over the ranks."""
+        config, setup, parallel = self.config, self.setup, self.setup.parallel
+        distill = 0.0
+        for micro in range(config.grad_accum * setup.world):
+            batch = next(self.batches)  # every rank draws the whole step's micro-batches, in one process's order
+            if micro // config.grad_accum != setup.rank:
+                continue  # another rank's share
+            loss = _micro_batch_loss(self.model, self.trainer.gates, batch.to(setup.device), config, self.trainer.lora)
+            if parallel is None:
+                _check_finite(loss, f"{config.loss} loss", step, config.steps)
+            (loss / config.grad_accum).backward()
+            distill += loss.item() / config.grad_accum
+        if parallel is not None:  # the same loss on every rank (a NaN on one stops all), then the mean gradient
+            distill = parallel.mean({"distill": distill})["distill"]
+            _check_finite(torch.tensor(distill), f"{config.loss} loss", step, config.steps)
+            for parameter in (self.trainer.gates.values, *self.trainer.adapters):
+                assert parameter.grad is not None
+                parallel.mean_(parameter.grad)
+        return distill
+
+    def _regularizer(self, step: int, lam: float) -> float:
+        """The polarization regulariser of the gates (centred on the target's split with ``polarization_center="target"``),
+        its gradient times ``lam`` accumulated."""
+        values, config = self.trainer.gates.values, self.config
+        center = (target_center(values, self.n_remove, self.setup.costs)
+                  if config.polarization_center == "target" and self.n_remove is not None else None)
+        regularizer = polarization_regularizer(values, self.setup.weights, config.t, center)
+        _check_finite(regularizer, "polarization regularizer", step, config.steps)
+        (lam * regularizer).backward()
+        return regularizer.item()
+
+    def budget_direction(self) -> int:
+        """Budget control's verdict on the gates after the step; none while the hard mask decides."""
+        gates = self.trainer.gates
+        if gates.hard_mask is not None:
+            return 0
+        return budget_direction(gates.values.detach(), self.n_remove, self.config, self.setup.costs)
+
+
+@dataclass
+class _BudgetController:
+    """``next_lambda``'s rule across steps: ``lam`` times ``(1 + growth) ** direction``, the growth damped by
+    ``lam_damping`` at each reversal (the controller overshot, so it steps more gently)."""
+
+    lam: float
+    growth: float
+    last_direction: int = 0
+
+    def update(self, direction: int, damping: float) -> None:
+        if direction and self.last_direction and direction != self.last_direction:
+            self.growth *= damping
+        self.last_direction = direction or self.last_direction
+        self.lam *= (1 + self.growth) ** direction
+
+
+@dataclass
+class _GateHistory:
+    """What each step of a run recorded: the gates after it, its loss terms, the ``lam`` it ran with."""
+
+    gates: list[list[float]] = field(default_factory=list)
+    totals: list[float] = field(default_factory=list)
+    distills: list[float] = field(default_factory=list)
+    regularizers: list[float] = field(default_factory=list)
+    lambdas: list[float] = field(default_factory=list)
+
+    def record(self, gates: list[float], distill: float, regularizer: float, lam: float) -> None:
+        self.gates.append(gates)
+        self.distills.append(distill)
+        self.regularizers.append(regularizer)
+        self.totals.append(distill + lam * regularizer)
+        self.lambdas.append(lam)
+
+
+def _run_result(history: _GateHistory, setup: _GateRunSetup, config: GateConfig, granularity: str) -> GateTrainingResult:
+    """The run's result; data-parallel: refuses ranks that ended apart (they take the same decisions by design)."""
+    parallel = setup.parallel
+    if parallel is not None and len({repr(ranked) for ranked in parallel.gather_object((history.gates[-1], history.lambdas))}) > 1:
         raise FoldGPTError("data-parallel gate training: the ranks ended with different gates (a bug; please report it)")
     return GateTrainingResult(
-        gates=history[-1],
-        gate_history=history,
-        loss_history=totals,
-        distill_history=distills,
-        regularizer_history=regularizers,
-        lambda_history=lambdas,
-        flops_weights=weights.cpu().tolist(),
+        gates=history.gates[-1],
+        gate_history=history.gates,
+        loss_history=history.totals,
+        distill_history=history.distills,
+        regularizer_history=history.regularizers,
+        lambda_history=history.lambdas,
+        flops_weights=setup.weights.cpu().tolist(),
         config=config,
         granularity=granularity,
-        world_size=world,
+        world_size=setup.world,
     )
 
 

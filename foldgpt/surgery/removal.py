@@ -1,6 +1,6 @@
 """Removing decoder blocks so that the result is exactly a smaller model of the same architecture.
 
-Three things must change together, or the model silently goes wrong (DESIGN.md, pitfalls):
+Three things must change together, or the model silently goes wrong (docs/design.md, "Pitfalls known from peers"):
 the layer list; every ``layer_idx`` (it indexes the KV cache); and the config (``num_hidden_layers``, which the
 forward loop reads, and ``layer_types``, which picks each layer's mask and rope and is validated on save).
 """

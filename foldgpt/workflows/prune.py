@@ -14,8 +14,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedModel
 
-from foldgpt._version import __version__
 from foldgpt.analysis.figures import plot_gate_history, plot_sublayer_gate_history
 from foldgpt.arch.adapters import adapter_for
 from foldgpt.core.lineage import in_original_numbering
@@ -31,14 +31,7 @@ from foldgpt.selection.candidates import polarization
 from foldgpt.selection.config import GRANULARITIES, GateConfig, ProbeConfig, default_calibration
 from foldgpt.selection.gates import select_by_gates_with, select_sublayers_by_gates_with
 from foldgpt.selection.registry import METHODS, select_blocks
-from foldgpt.surgery.budget import (
-    RemovalTarget,
-    blocks_to_remove,
-    branch_flops_per_token,
-    branch_parameters,
-    model_flops_per_token,
-    sublayer_budget,
-)
+from foldgpt.surgery.budget import RemovalTarget, blocks_to_remove, sublayer_budget
 from foldgpt.surgery.removal import count_parameters, remove_blocks
 from foldgpt.surgery.sublayers import (
     BRANCHES,
@@ -50,6 +43,7 @@ from foldgpt.surgery.sublayers import (
 )
 from foldgpt.train.parallel import is_main_process
 from foldgpt.workflows.probe import choose_by_probe
+from foldgpt.workflows.prune_metadata import model_cost, prune_metadata
 
 
 @dataclass
@@ -79,9 +73,9 @@ def prune(
     """Remove blocks from ``loaded.model`` in place with ``method``; save a plain HF folder to ``out`` if given.
 
     Give one target: ``remove`` blocks, ``remove_ratio`` of them, or keep ``target_params`` / ``target_flops`` of the
-    model's parameters / FLOPs per token (see ``foldgpt.budget``). ``gate_config`` sets the hyper-parameters of
+    model's parameters / FLOPs per token (see ``foldgpt.surgery.budget``). ``gate_config`` sets the hyper-parameters of
     ``method="gates"`` (defaults: ``GateConfig()``). ``granularity="sublayer"`` (gates only) gates and removes attention
-    and MLP sub-layers, the target counted in sub-layers (see ``foldgpt.budget``).
+    and MLP sub-layers, the target counted in sub-layers (see ``foldgpt.surgery.budget``).
 
     ``blocks`` removes exactly those blocks instead (method ``"given"``, no calibration data, no other target): to
     reproduce a set a paper or another tool reports, or to compare sets on equal terms.
@@ -89,10 +83,39 @@ def prune(
     ``probe`` (gates, whole blocks) screens the ``screen`` sets nearest the gates' pick on held-out text; with ``sets >
     0`` it heals the ``sets`` best of them briefly and keeps the one that heals best, with ``sets == 0`` it keeps the
     best-screened one (``PRUNE_SCREEN``, the CLI's default); ``None`` keeps the gates' own pick
-    (``foldgpt.importance.probe``). What it did is recorded under ``details["probe"]``.
+    (``foldgpt.workflows.probe``). What it did is recorded under ``details["probe"]``.
     """
+    target = RemovalTarget(remove=remove, remove_ratio=remove_ratio, target_params=target_params, target_flops=target_flops)
+    method = checked_method(method, granularity, blocks, target)
+    probe = effective_probe(probe, method, granularity)
+    calibration = None if blocks is not None else calibration or default_calibration(method)
+    model = loaded.model
+    check_prunable(loaded)
+    num_blocks = len(adapter_for(model).layers(model))
+    budget = removal_budget(model, target, granularity, given=blocks is not None)
+    before = model_cost(model, target.flops_context)
+    start = time.perf_counter()
+    if calibration is None:  # blocks given
+        selection = given_selection(list(blocks or ()), num_blocks)
+    else:
+        selection = select_for_pruning(loaded, method, granularity, budget, calibration, gate_config, probe)
+    n_remove = budget.n_remove if budget.n_remove is not None else len(selection.removed)
+    saved_sublayers = remove_selection(model, selection, num_blocks)
+    after = model_cost(model, target.flops_context, saved_sublayers)
+    extra = sublayer_metadata(loaded.source, selection, num_blocks, saved_sublayers, model) if granularity == "sublayer" else None
+    metadata = prune_metadata(source=loaded.source, method=method, selection=selection, num_blocks=num_blocks,
+                              n_remove=n_remove, calibration=calibration, target=target, before=before, after=after,
+                              started=start, given_blocks=blocks is not None, extra=extra)
+    if out is not None and is_main_process():  # under torchrun / accelerate launch (gates) only rank 0 writes
+        write_pruned(loaded, metadata, selection, granularity, Path(out), overwrite)
+    drop_removed_sublayers(model)  # in memory as foldgpt.load gives the folder back: removed branches hold no weights
+    return PruneResult(selection=selection, loaded=loaded, metadata=metadata)
+
+
+def checked_method(method: str, granularity: str, blocks: Sequence[int] | None, target: RemovalTarget) -> str:
+    """The method ``prune`` runs (``"given"`` with ``blocks``); refuses unknown names and combinations it cannot do."""
     if blocks is not None:
-        if any(value is not None for value in (remove, remove_ratio, target_params, target_flops)) or granularity != "block":
+        if target.given() or granularity != "block":
             raise FoldGPTError("--blocks names the blocks to remove: give it without --remove, --remove-ratio, --target-params, "
                                "--target-flops and --granularity sublayer")
         method = "given"
@@ -102,86 +125,94 @@ def prune(
         raise FoldGPTError(f"unknown granularity '{granularity}'; choose one of {', '.join(GRANULARITIES)}")
     if granularity == "sublayer" and method != "gates":
         raise FoldGPTError(f"--granularity sublayer needs --method gates (method '{method}' scores whole blocks)")
-    if probe is not None and (method != "gates" or granularity != "block") and probe.sets > 0:
+    return method
+
+
+def effective_probe(probe: ProbeConfig | None, method: str, granularity: str) -> ProbeConfig | None:
+    """The probe ``prune`` runs: None when off, or when a screen-only default meets a method it does not apply to
+    (that method keeps its own set); healing probes (``sets > 0``) for anything but gates on whole blocks are refused."""
+    if probe is None:
+        return None
+    whole_block_gates = method == "gates" and granularity == "block"
+    if not whole_block_gates and probe.sets > 0:
         raise FoldGPTError("--gate-probe-sets needs --method gates with whole blocks (it probes sets near the gates' pick)")
-    if probe is not None and (probe.sets == probe.screen == 0 or method != "gates" or granularity != "block"):
-        probe = None  # off, or a screen default that other methods do not have: the method's own set
-    calibration = None if blocks is not None else calibration or default_calibration(method)
+    if probe.sets == probe.screen == 0 or not whole_block_gates:
+        return None
+    return probe
+
+
+def check_prunable(loaded: LoadedModel) -> None:
+    """Refuse folded or healed models and models whose sub-layers were removed already."""
     model = loaded.model
     if getattr(model.config, "foldgpt_sharing", None) or hasattr(model, "get_base_model"):
         raise FoldGPTError(f"'{loaded.source}' is folded or healed; remove blocks first, then fold (prune the unfolded model)")
     refuse_removed_sublayers(model, "pruning")
-    num_blocks = len(adapter_for(model).layers(model))
-    target = RemovalTarget(remove=remove, remove_ratio=remove_ratio, target_params=target_params, target_flops=target_flops)
+
+
+@dataclass(frozen=True)
+class RemovalBudget:
+    """How much a selection removes: ``n_remove`` blocks, or (sub-layers) each gate's ``costs`` and the cost
+    ``needed``; neither when the blocks are given."""
+
+    n_remove: int | None = None
+    costs: list[float] | None = None
+    needed: float = 0.0
+
+
+def removal_budget(model: PreTrainedModel, target: RemovalTarget, granularity: str, given: bool) -> RemovalBudget:
+    """The target in blocks (or sub-layer costs) for this model; refuses targets out of range."""
     if granularity == "sublayer":
         check_sublayer_removal_supported(model)
         costs, needed = sublayer_budget(model, target)
-    elif blocks is None:
-        n_remove = blocks_to_remove(model, target)
-    parameters_before = count_parameters(model)
-    flops_before = model_flops_per_token(model, target.flops_context)
-    start = time.perf_counter()
-    if calibration is None:  # blocks given
-        selection = given_selection(list(blocks or ()), num_blocks)
-        n_remove = len(selection.removed)
-    else:
-        windows = load_windows(loaded.tokenizer, calibration.data, calibration.nsamples, calibration.seqlen, calibration.seed)
-        if granularity == "sublayer":
-            select = select_sublayers_by_gates_with(gate_config or GateConfig(), costs, needed)
-            selection = select_blocks_with(select, "gates", model, windows, 0, calibration.seed)
-            n_remove = len(selection.removed)
-        elif method == "gates" and gate_config is not None:
-            selection = select_blocks_with(select_by_gates_with(gate_config), "gates", model, windows, n_remove, calibration.seed)
-        else:
-            selection = select_blocks(method, model, windows, n_remove, calibration.seed)
-        if method == "gates" and granularity == "block":  # half-open gates rank dimming, not removal: say so
-            selection.details["polarization"] = warn_if_unpolarized(polarization(selection.scores or []))
-        if probe is not None:
-            selection = probed_selection(loaded, selection, n_remove, probe, calibration, windows)
-    saved_sublayers = _remove(model, selection, num_blocks)
-    parameters_after = count_parameters(model) - _branch_total(model, saved_sublayers, lambda block, branch: branch_parameters(model, block, branch))
-    flops_after = model_flops_per_token(model, target.flops_context) - _branch_total(
-        model, saved_sublayers, lambda block, branch: branch_flops_per_token(model, block, branch, target.flops_context))
-    metadata = {
-        "foldgpt_version": __version__,
-        "stage": "prune",
-        "source_model": loaded.source,
-        "method": method,
-        "num_blocks_before": num_blocks,
-        "num_blocks_after": num_blocks - n_remove,
-        "removed": selection.removed,
-        "removed_original": in_original_numbering(loaded.source, selection.removed, num_blocks),
-        "scores": selection.scores,
-        "details": selection.details,
-        "calibration": None if calibration is None else vars(calibration),
-        "parameters_before": parameters_before,
-        "parameters_after": parameters_after,
-        "target": {"blocks": selection.removed} if blocks is not None else {name: getattr(target, name) for name in target.given()},
-        "flops_per_token_before": flops_before,
-        "flops_per_token_after": flops_after,
-        "flops_context": target.flops_context,
-        "selection_seconds": selection.seconds,
-        "total_seconds": time.perf_counter() - start,
-    }
+        return RemovalBudget(costs=costs, needed=needed)
+    if given:
+        return RemovalBudget()
+    return RemovalBudget(n_remove=blocks_to_remove(model, target))
+
+
+def select_for_pruning(loaded: LoadedModel, method: str, granularity: str, budget: RemovalBudget,
+                       calibration: CalibrationConfig, gate_config: GateConfig | None, probe: ProbeConfig | None) -> Selection:
+    """The selection of ``method`` on the calibration windows (then the probe's pick, with ``probe``)."""
+    model = loaded.model
+    windows = load_windows(loaded.tokenizer, calibration.data, calibration.nsamples, calibration.seqlen, calibration.seed)
     if granularity == "sublayer":
-        metadata.update(
-            granularity="sublayer",
-            removed_sublayers=selection.removed_sublayers,  # in the input's numbering, blocks that stay
-            removed_sublayers_original={branch: in_original_numbering(loaded.source, blocks, num_blocks)
-                                        for branch, blocks in selection.removed_sublayers.items()},
-            removed_sublayers_saved=saved_sublayers,  # in the saved folder's numbering, as in its config
-            sublayers_removed=sum(len(v) for v in selection.details["closed_sublayers"].values()),
-            parameters_after_plain=count_parameters(model),  # the zeroed plain folder, every tensor kept
-        )
-    if out is not None and is_main_process():  # under torchrun / accelerate launch (gates) only rank 0 writes
-        with atomic_output_dir(Path(out), overwrite) as folder:
-            save_plain_model(model, loaded.tokenizer, folder, metadata)
-            if "gate_history" in selection.details:
-                plot = plot_sublayer_gate_history if granularity == "sublayer" else plot_gate_history
-                plot(selection.details["gate_history"], folder / "gates.png", title=Path(loaded.source).name,
-                     run_steps=selection.details["hyperparameters"]["steps"])
-    drop_removed_sublayers(model)  # in memory as foldgpt.load gives the folder back: removed branches hold no weights
-    return PruneResult(selection=selection, loaded=loaded, metadata=metadata)
+        assert budget.costs is not None  # removal_budget gives sub-layer costs for sub-layer granularity
+        select = select_sublayers_by_gates_with(gate_config or GateConfig(), budget.costs, budget.needed)
+        return select_blocks_with(select, "gates", model, windows, 0, calibration.seed)
+    assert budget.n_remove is not None  # removal_budget gives a block count for whole blocks
+    if method == "gates" and gate_config is not None:
+        selection = select_blocks_with(select_by_gates_with(gate_config), "gates", model, windows, budget.n_remove,
+                                       calibration.seed)
+    else:
+        selection = select_blocks(method, model, windows, budget.n_remove, calibration.seed)
+    if method == "gates":  # half-open gates rank dimming, not removal: say so
+        selection.details["polarization"] = warn_if_unpolarized(polarization(selection.scores or []))
+    return selection if probe is None else probed_selection(loaded, selection, budget.n_remove, probe, calibration, windows)
+
+
+def sublayer_metadata(source: str, selection: Selection, num_blocks: int, saved: dict[str, list[int]],
+                      model: PreTrainedModel) -> dict:
+    """The keys a sub-layer prune adds to ``foldgpt.json`` (``model``: after removal, the branches zeroed)."""
+    return {
+        "granularity": "sublayer",
+        "removed_sublayers": selection.removed_sublayers,  # in the input's numbering, blocks that stay
+        "removed_sublayers_original": {branch: in_original_numbering(source, blocks, num_blocks)
+                                       for branch, blocks in selection.removed_sublayers.items()},
+        "removed_sublayers_saved": saved,  # in the saved folder's numbering, as in its config
+        "sublayers_removed": sum(len(v) for v in selection.details["closed_sublayers"].values()),
+        "parameters_after_plain": count_parameters(model),  # the zeroed plain folder, every tensor kept
+    }
+
+
+def write_pruned(loaded: LoadedModel, metadata: dict, selection: Selection, granularity: str, out: Path,
+                 overwrite: bool) -> None:
+    """The plain HF folder with ``foldgpt.json`` and, after gates, their trajectory as ``gates.png``; all or nothing."""
+    with atomic_output_dir(out, overwrite) as folder:
+        save_plain_model(loaded.model, loaded.tokenizer, folder, metadata)
+        if "gate_history" in selection.details:
+            plot = plot_sublayer_gate_history if granularity == "sublayer" else plot_gate_history
+            plot(selection.details["gate_history"], folder / "gates.png", title=Path(loaded.source).name,
+                 run_steps=selection.details["hyperparameters"]["steps"])
 
 
 def warn_if_unpolarized(report: dict) -> dict:
@@ -208,7 +239,7 @@ def probed_selection(loaded: LoadedModel, selection: Selection, n_remove: int, p
     return replace(selection, removed=outcome["chosen"], details=details, seconds=selection.seconds + seconds)
 
 
-def _remove(model, selection: Selection, num_blocks: int) -> dict[str, list[int]]:
+def remove_selection(model: PreTrainedModel, selection: Selection, num_blocks: int) -> dict[str, list[int]]:
     """Zero the removed branches of kept blocks, remove the blocks, and record the branches in the config (new
     numbering); returns that record (empty lists when no single branch was removed)."""
     for branch, blocks in selection.removed_sublayers.items():
@@ -220,11 +251,6 @@ def _remove(model, selection: Selection, num_blocks: int) -> dict[str, list[int]
     if any(saved.values()):
         setattr(model.config, REMOVED_SUBLAYERS_KEY, saved)
     return saved
-
-
-def _branch_total(model, saved: dict[str, list[int]], cost) -> int:
-    layers = adapter_for(model).layers(model)
-    return sum(cost(layers[index], branch) for branch, blocks in saved.items() for index in blocks)
 
 
 def parse_blocks(text: str) -> list[int]:
@@ -239,5 +265,3 @@ def given_selection(blocks: list[int], num_blocks: int) -> Selection:
         raise FoldGPTError(f"--blocks {','.join(map(str, blocks))}: give distinct blocks between 0 and {num_blocks - 1}, "
                            f"at least one and fewer than all {num_blocks}")
     return Selection(method="given", removed=sorted(blocks))
-
-

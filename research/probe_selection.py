@@ -1,10 +1,10 @@
 """Healing probes on SmolLM2-135M: which set do they choose from the gates' scores, and at what cost?
 
-    OMP_NUM_THREADS=2 python benchmarks/probe_selection.py --gates runs/main/pruned --sets 3 --screen 24
+    OMP_NUM_THREADS=2 python research/probe_selection.py --gates runs/main/pruned --sets 3 --screen 24
 
 Reads the gates' per-block scores from a ``foldgpt prune --method gates`` folder (its ``foldgpt.json``; by default the
 ``./run.sh`` pipeline's pruned stage: 6 blocks, the default ``GateConfig``) and runs exactly what ``prune
---gate-probe-sets K`` runs after gate training (``foldgpt.importance.probe.choose_by_probe``), so the 3 x 80 gate steps
+--gate-probe-sets K`` runs after gate training (``foldgpt.workflows.probe.choose_by_probe``), so the 3 x 80 gate steps
 are not trained again. Prints the screened and healed candidates and writes JSON; heal the chosen set with
 ``benchmarks/healing.py --student NAME=DIR`` to see whether it heals better in full.
 """
@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--probe-tokens", type=int, default=defaults.eval_tokens,
                         help="held-out tokens the healed probes are scored on (the screen: the first 8,192)")
-    parser.add_argument("--out", default="benchmarks/results/probe_selection.json")
+    parser.add_argument("--out", default="research/results/probe_selection.json")
     args = parser.parse_args()
     metadata = json.loads((Path(args.gates) / "foldgpt.json").read_text())
     if metadata.get("method") != "gates":

@@ -1,6 +1,6 @@
 """How much the gates' choice depends on the calibration draw, and whether reading the gates differently steadies it.
 
-    OMP_NUM_THREADS=1 python benchmarks/gate_stability.py --seeds 0,1,2 --remove 6
+    OMP_NUM_THREADS=1 python research/gate_stability.py --seeds 0,1,2 --remove 6
 
 For each seed: draw the standard calibration windows (wikitext2 validation, 8 x 256 tokens) with that seed, train the
 gates with the defaults (budget control towards ``--remove`` blocks), and remove blocks by two rules read off the
@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=8, help="calibration windows of 256 tokens per draw")
     parser.add_argument("--max-tokens", type=int, default=8192, help="validation tokens per set")
     parser.add_argument("--overrides", default="{}", help='GateConfig overrides as JSON, e.g. \'{"grad_accum": 2}\'')
-    parser.add_argument("--out", default="benchmarks/results/gate_stability.json")
+    parser.add_argument("--out", default="research/results/gate_stability.json")
     parser.add_argument("--ensemble-of-draws", action="store_true",
                         help="also score the set ensemble_gates picks from every draw's trajectory in --out (these settings)")
     args = parser.parse_args()

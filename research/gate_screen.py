@@ -1,10 +1,10 @@
 """Does a held-out screen of the gates' near-tied sets pick better blocks *before* healing?
 
-    OMP_NUM_THREADS=1 python benchmarks/gate_screen.py --gates 4=benchmarks/results/gate_stability_restarts_r4.json \
-        --gates 6=benchmarks/results/gate_stability_restarts_r6.json --gates 8=runs/g8/foldgpt.json
+    OMP_NUM_THREADS=1 python research/gate_screen.py --gates 4=research/results/gate_stability_restarts_r4.json \
+        --gates 6=research/results/gate_stability_restarts_r6.json --gates 8=runs/g8/foldgpt.json
 
 For each target, the gates' per-block scores (a ``foldgpt prune --method gates`` folder's ``foldgpt.json``, or a
-``benchmarks/gate_stability.py`` result with a trajectory record, whose runs are combined by ``ensemble_gates`` as
+``research/gate_stability.py`` result with a trajectory record, whose runs are combined by ``ensemble_gates`` as
 ``--gate-restarts`` does) give the same candidates as the healing probes' screen (``candidate_sets``: the
 ``--screen`` sets with the smallest summed gates among the N + ``--pool`` lowest). Each is scored without healing on
 the first ``--screen-tokens`` of WikiText-2 validation (what ``choose_by_probe`` screens on). The lowest is the
@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=defaults.seqlen)
     parser.add_argument("--screen-tokens", type=int, default=defaults.screen_tokens)
     parser.add_argument("--judge-tokens", type=int, default=16384)
-    parser.add_argument("--out", default="benchmarks/results/gate_screen.json")
+    parser.add_argument("--out", default="research/results/gate_screen.json")
     args = parser.parse_args()
     dense = foldgpt.load(args.model)
     wiki = tokenize(dense.tokenizer, load_text("wikitext2", "calibration"))

@@ -1,6 +1,6 @@
 """The gates' own objective for given removal sets: does a set the gates did not pick fit the calibration text better?
 
-    OMP_NUM_THREADS=1 python benchmarks/set_objective.py --sets '[[4,5,14,26],[13,14,17,25]]'
+    OMP_NUM_THREADS=1 python research/set_objective.py --sets '[[4,5,14,26],[13,14,17,25]]'
 
 For every set: remove those blocks from the dense model and measure, on the calibration windows the gates train on
 (WikiText-2 validation, ``--nsamples`` x 256 tokens drawn with ``--seed``, the prune default), the mean KL(dense ||
@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--sets", required=True, help="removal sets as JSON, e.g. '[[4,5,14,26],[13,14,17,25]]'")
     parser.add_argument("--nsamples", type=int, default=64, help="calibration windows of 256 tokens (prune's default)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="benchmarks/results/set_objective.json")
+    parser.add_argument("--out", default="research/results/set_objective.json")
     args = parser.parse_args()
     loaded = load_model(args.model)
     windows = load_windows(loaded.tokenizer, "wikitext2", args.nsamples, 256, args.seed)

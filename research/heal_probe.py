@@ -1,8 +1,8 @@
 """Healing probes: does a short heal rank removal sets the way a full heal does?
 
-    OMP_NUM_THREADS=2 python benchmarks/heal_probe.py --set gates6=4,5,13,14,25,26 --set bi6=12-14,17,25,26 --steps 8
+    OMP_NUM_THREADS=2 python research/heal_probe.py --set gates6=4,5,13,14,25,26 --set bi6=12-14,17,25,26 --steps 8
 
-Each ``--set NAME=BLOCKS`` is removed from a copy of the dense model (``foldgpt.importance.probe.without``), healed for ``--steps`` steps of
+Each ``--set NAME=BLOCKS`` is removed from a copy of the dense model (``foldgpt.selection.candidates.without``), healed for ``--steps`` steps of
 ``--seqlen`` Alpaca tokens (the healing defaults otherwise: KL + tail + LM, LoRA rank 8), and scored before and after
 on held-out *calibration-domain* text: the first ``--probe-tokens`` tokens of the WikiText-2 validation split in
 windows of ``--seqlen`` (never the test split, so a probe may be used to choose a set). The question it answers:
@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--teacher-cache", default="runs/heal-bench/teacher-cache-seed0-seqlen1024",
                         help="shared with benchmarks/healing.py (same data, seed, window length and held-out windows)")
-    parser.add_argument("--out", default="benchmarks/results/heal_probe.json")
+    parser.add_argument("--out", default="research/results/heal_probe.json")
     args = parser.parse_args()
     out = Path(args.out)
     settings = {"model": args.model, "steps": args.steps, "seqlen": args.seqlen, "probe_tokens": args.probe_tokens,

@@ -14,7 +14,7 @@ Each measured point is two CLI commands (gate training took 22 minutes on the sh
 evaluation protocol as ``benchmarks/removal_methods.py``, whose block-gates row at 6 blocks is the comparison. This
 script collects both into one JSON:
 
-    python benchmarks/sublayer_gates.py --run runs/sublayer-gates-p0842 --ppl runs/sublayer-gates-p0842-ppl.json \\
+    python research/sublayer_gates.py --run runs/sublayer-gates-p0842 --ppl runs/sublayer-gates-p0842-ppl.json \\
         --run runs/sublayer-gates-p0842-fixed --ppl runs/sublayer-gates-p0842-fixed-ppl.json
 """
 
@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--run", action="append", required=True, help="a folder prune wrote (repeat for several)")
     parser.add_argument("--ppl", action="append", required=True, help="the JSON eval wrote for it (same order)")
     parser.add_argument("--baseline", default="benchmarks/results/removal_methods.json")
-    parser.add_argument("--out", default="benchmarks/results/sublayer_gates.json")
+    parser.add_argument("--out", default="research/results/sublayer_gates.json")
     args = parser.parse_args()
 
     baseline = json.loads(Path(args.baseline).read_text())

@@ -1,9 +1,9 @@
 """Other ways to read a removal set off trained gates, judged by the KL of the *hard* removal on the calibration windows.
 
-    OMP_NUM_THREADS=1 python benchmarks/gate_readouts.py --rule swap --seeds 0,1
-    OMP_NUM_THREADS=1 python benchmarks/gate_readouts.py --rule visited --seeds 0,1
+    OMP_NUM_THREADS=1 python research/gate_readouts.py --rule swap --seeds 0,1
+    OMP_NUM_THREADS=1 python research/gate_readouts.py --rule visited --seeds 0,1
 
-Both start from the gate trajectories that ``benchmarks/gate_stability.py`` saved (``--trajectories``; the same seed
+Both start from the gate trajectories that ``research/gate_stability.py`` saved (``--trajectories``; the same seed
 draws the same calibration windows: wikitext2 validation, 8 x 256 tokens) and score KL(dense || pruned model) with
 the blocks really removed, not gated:
 
@@ -74,13 +74,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--rule", choices=("swap", "visited"), required=True)
-    parser.add_argument("--trajectories", default="benchmarks/results/gate_stability.json")
+    parser.add_argument("--trajectories", default="research/results/gate_stability.json")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--remove", type=int, default=6)
     parser.add_argument("--pool", type=int, default=4, help="swap: candidates beyond the removed blocks")
     parser.add_argument("--frac", type=float, default=0.5, help="visited: the last fraction of the steps")
     parser.add_argument("--max-tokens", type=int, default=8192, help="validation tokens per set")
-    parser.add_argument("--out", default="benchmarks/results/gate_readouts.json")
+    parser.add_argument("--out", default="research/results/gate_readouts.json")
     args = parser.parse_args()
     loaded = load_model(args.model)
     model = loaded.model.eval()

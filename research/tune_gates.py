@@ -1,6 +1,6 @@
 """Choose the gate-training defaults on validation data only (never on a test split).
 
-    python benchmarks/tune_gates.py --configs '[{"lam": 0.1}, {"lam": 0.5}, {"lam": 2.0}]'
+    python research/tune_gates.py --configs '[{"lam": 0.1}, {"lam": 0.5}, {"lam": 2.0}]'
 
 For each GateConfig override: train gates once on the standard calibration windows (wikitext2 validation, 8 x 256
 tokens, seed 0), then for each target remove the blocks with the smallest gates and measure perplexity on held-out
@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--configs", default='[{}]', help="JSON list of GateConfig overrides")
     parser.add_argument("--remove", default="4,6,8")
     parser.add_argument("--max-tokens", type=int, default=8192)
-    parser.add_argument("--out", default="benchmarks/results/tune_gates.json")
+    parser.add_argument("--out", default="research/results/tune_gates.json")
     args = parser.parse_args()
     loaded = load_model(args.model)
     calibration = load_windows(loaded.tokenizer, "wikitext2", 8, 256, 0)
