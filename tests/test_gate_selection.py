@@ -86,6 +86,15 @@ def test_the_held_out_text_skips_every_calibration_window():
     assert len(held_out) == 8
     for window in held_out.tolist():
         assert all(window[-1] < start or window[0] >= start + 40 for start in starts)
+    assert windows_avoiding(tokens, 50, 400, [(0, 1000)]).shape == (0, 50)  # nothing free
+
+
+def test_a_calibration_text_too_small_to_leave_a_free_window_is_screened_all_the_same(text_file, capsys):
+    dense = LoadedModel(tiny_model("llama"), tiny_tokenizer(), "dense")
+    config = ProbeConfig(seqlen=1024, eval_data=str(text_file), eval_tokens=2048, screen_tokens=1024)
+    crowded = foldgpt.CalibrationConfig(data=str(text_file), nsamples=64, seqlen=64)
+    assert heldout_windows(dense, config, crowded).tolist() == heldout_windows(dense, config).tolist()
+    assert "overlaps a calibration window" in capsys.readouterr().err
 
 
 def test_held_out_windows_avoid_the_calibration_windows_of_the_same_text(text_file):

@@ -33,7 +33,7 @@ def calibration_windows(token_ids: torch.Tensor, nsamples: int, seqlen: int, see
 def windows_avoiding(token_ids: torch.Tensor, seqlen: int, max_tokens: int, avoid: Sequence[tuple[int, int]]) -> torch.Tensor:
     """Consecutive non-overlapping windows of ``seqlen`` tokens from the start of ``token_ids``, skipping every window
     that overlaps a span ``[start, end)`` of ``avoid``, until ``max_tokens`` tokens are taken: text that a method
-    calibrated on ``avoid`` has never seen. Fewer windows (at least one) when the text runs out."""
+    calibrated on ``avoid`` has never seen. Fewer windows when the text runs out, none when every window overlaps."""
     _check_window_args(token_ids, 1, seqlen)
     kept: list[torch.Tensor] = []
     for start in range(0, len(token_ids) - seqlen + 1, seqlen):
@@ -41,10 +41,7 @@ def windows_avoiding(token_ids: torch.Tensor, seqlen: int, max_tokens: int, avoi
             break
         if not any(start < end and begin < start + seqlen for begin, end in avoid):
             kept.append(token_ids[start : start + seqlen])
-    if not kept:
-        raise FoldGPTError(f"no window of {seqlen} tokens of the held-out text is free of the calibration windows; "
-                           "use more text or fewer --nsamples")
-    return torch.stack(kept)
+    return torch.stack(kept) if kept else token_ids[:0].view(0, seqlen)
 
 
 def evaluation_windows(token_ids: torch.Tensor, seqlen: int, max_tokens: int | None = None) -> torch.Tensor:

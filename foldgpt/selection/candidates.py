@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import heapq
 import itertools
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -66,7 +67,12 @@ def heldout_windows(dense: LoadedModel, config: ProbeConfig, calibration: Calibr
     if calibration is None or calibration.data != config.eval_data or seqlen < config.seqlen:
         return evaluation_windows(tokens, seqlen, config.eval_tokens)
     starts = calibration_starts(len(tokens), calibration.nsamples, calibration.seqlen, calibration.seed)
-    return windows_avoiding(tokens, seqlen, config.eval_tokens, [(start, start + calibration.seqlen) for start in starts])
+    free = windows_avoiding(tokens, seqlen, config.eval_tokens, [(start, start + calibration.seqlen) for start in starts])
+    if len(free) == 0:  # a small calibration text: every window overlaps one; screen on it all the same, and say so
+        print(f"foldgpt: warning: every {seqlen}-token window of '{config.eval_data}' overlaps a calibration window; "
+              "the candidates are screened on text the selection saw (give more text)", file=sys.stderr)
+        return evaluation_windows(tokens, seqlen, config.eval_tokens)
+    return free
 
 
 def baseline_sets(model: PreTrainedModel, windows: torch.Tensor, n_remove: int, methods: Sequence[str]) -> dict[str, list[int]]:
