@@ -456,6 +456,7 @@ def _metadata(student, teacher, config, model, history, evals, seconds, seconds_
         "stage": "heal",
         "source_model": student.source,
         "teacher": teacher.source,
+        "teacher_hub": teacher.hub,
         "source_metadata": read_metadata(student.source),
         "config": {**asdict(config), "target_modules": list(lora_targets(model, config))},
         "total_steps": config.total_steps,

@@ -140,6 +140,7 @@ def prune(
         "foldgpt_version": __version__,
         "stage": "prune",
         "source_model": loaded.source,
+        "source_hub": loaded.hub,
         "method": method,
         "num_blocks_before": num_blocks,
         "num_blocks_after": num_blocks - n_remove,
