@@ -87,7 +87,10 @@ def resolve_model_path(spec: str, trust_remote_code: bool = False) -> Path:
     path = Path(spec).expanduser()
     hub_id = parse_hub_id(spec)
     if not path.exists() and hub_id is not None:
-        return download_model(hub_id, trust_remote_code)
+        try:
+            return download_model(hub_id, trust_remote_code)
+        except FoldGPTError as error:  # it may be a mistyped local path rather than a Hub ID
+            raise FoldGPTError(f"{error} (no local path '{spec}' exists either)") from error
     if not path.exists():
         raise FoldGPTError(f"model path '{spec}' does not exist; give a Hugging Face model folder, a Hub ID (org/name), "
                            f"a .gguf file, or '{DEFAULT_MODEL}'")
