@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from foldgpt.data.text import data_dir, load_text, render_alpaca
+from foldgpt.data.text import NAMED_DATASETS, data_dir, data_dir_given, load_text, render_alpaca
 from foldgpt.data.windows import calibration_windows, evaluation_windows
 from foldgpt.errors import FoldGPTError
 
@@ -44,6 +44,31 @@ def test_local_text_and_jsonl_files(tmp_path):
         load_text(str(tmp_path / "empty.txt"))
     with pytest.raises(FoldGPTError, match="does not exist"):
         load_text(str(tmp_path / "missing.txt"))
+
+
+def test_the_data_folder_is_found_from_the_working_directory_never_from_the_source_checkout(tmp_path, monkeypatch):
+    monkeypatch.delenv("FOLDGPT_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert data_dir() == (tmp_path / ".." / "shared" / "data").resolve() and not data_dir_given()
+    monkeypatch.setenv("FOLDGPT_DATA", str(tmp_path / "mine"))
+    assert data_dir() == tmp_path / "mine" and data_dir_given()
+
+
+def test_a_missing_file_in_a_data_folder_given_explicitly_is_an_error_not_a_download(tmp_path, monkeypatch):
+    monkeypatch.setenv("FOLDGPT_DATA", str(tmp_path))
+    with pytest.raises(FoldGPTError, match=r"wikitext-2-raw/test_joined.txt is missing; point --data-dir"):
+        load_text("wikitext2", "evaluation")
+
+
+def test_every_named_split_has_a_hub_copy_with_the_papers_joiner():
+    for name, named in NAMED_DATASETS.items():
+        assert named.hub_calibration, name
+        assert bool(named.hub_evaluation) == (named.evaluation is not None), name
+    wikitext = NAMED_DATASETS["wikitext2"].hub_evaluation[0]
+    assert (wikitext.repo_id, wikitext.files, wikitext.column, wikitext.joiner) == (
+        "Salesforce/wikitext", ("wikitext-2-raw-v1/test-*.parquet",), "text", "\n\n")
+    assert all(split.column == "sentence" and split.joiner == " " for split in NAMED_DATASETS["ptb"].hub_evaluation)
+    assert NAMED_DATASETS["alpaca"].hub_calibration[0].rows == 5000
 
 
 def test_unknown_data_name_is_a_clear_error():

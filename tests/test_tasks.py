@@ -2,6 +2,9 @@
 equality with a direct ``lm_eval.simple_evaluate`` run."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,7 +12,7 @@ import pytest
 import foldgpt
 from cli_helpers import assert_one_line_error, run_cli
 from foldgpt.data.text import data_dir
-from foldgpt.eval.lm_tasks import SHIPPED_TASKS, arc_record, task_dir
+from foldgpt.eval.lm_tasks import SHIPPED_TASKS, TEMPLATES, arc_record, task_dir, task_manager, task_sources
 from tiny import save_tiny
 
 DATA = data_dir()
@@ -140,6 +143,37 @@ def test_a_missing_data_folder_is_a_one_line_error_naming_the_path(capsys, tiny_
     (tmp_path / "partial" / "piqa" / "valid.jsonl").write_text("")
     code, _, err = run_cli(capsys, "--data-dir", tmp_path / "partial", "eval", tiny_folder, "--tasks", "piqa")
     assert_one_line_error(code, err, str(tmp_path / "partial" / "piqa" / "valid-labels.lst"), "--data-dir")
+
+
+def test_the_task_definitions_are_package_data():
+    assert sorted(p.name for p in TEMPLATES.glob("*.yaml")) == sorted(f"{name}.yaml" for name in SHIPPED_TASKS)
+    assert Path(__import__("foldgpt.eval.lm_tasks").eval.lm_tasks.__file__).parent / "tasks" == TEMPLATES
+
+
+def test_without_local_files_the_shipped_names_are_the_harness_stock_tasks(tmp_path, monkeypatch):
+    monkeypatch.delenv("FOLDGPT_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)  # no ../shared/data here
+    assert task_sources(["piqa", "winogrande", "my_task"]) == {"piqa": "lm-eval", "winogrande": "lm-eval"}
+    assert task_sources(["piqa"], data_dir=tmp_path) == {"piqa": "local"}  # a folder given explicitly must hold them
+    if DATA.is_dir():
+        assert task_sources(["piqa"], data_dir=DATA) == {"piqa": "local"}
+    manager = task_manager(["piqa", "arc_challenge"])
+    import lm_eval  # noqa: PLC0415
+
+    stock = Path(lm_eval.__file__).parent / "tasks"
+    assert {"piqa", "arc_easy", "arc_challenge"} <= set(manager.all_tasks)
+    assert Path(manager.task_index["piqa"].yaml_path) == stock / "piqa" / "piqa.yaml"
+
+
+def test_without_local_files_or_hub_data_a_task_is_one_line(tiny_folder, tmp_path):
+    # a fresh process: datasets and huggingface_hub read HF_HOME and the offline switches once, when imported
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "FOLDGPT_DATA"))}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    result = subprocess.run([sys.executable, "-m", "foldgpt.cli", "eval", str(tiny_folder), "--tasks", "piqa", "--limit", "2"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert_one_line_error(result.returncode, result.stderr, "task piqa: no local file", "piqa/valid.jsonl", "stock piqa",
+                          "--data-dir")
 
 
 @pytest.mark.real_model

@@ -1,8 +1,9 @@
 """Every output folder carries ``manifest.json``: what wrote it, from what, and the checksum of every file.
 
 The manifest records the foldgpt version, the settings that produced the folder (``foldgpt.json``'s contents, which
-hold the method, targets, calibration and hyper-parameters), the input model's identity (its path and a hash of its
-``config.json`` and weight index), and a SHA-256 of each file. ``foldgpt verify DIR`` recomputes the checksums, so a
+hold the method, targets, calibration and hyper-parameters), the input model's identity (its path, a hash of its
+``config.json`` and weight index, and for a model read from the Hugging Face cache its Hub ID, revision and commit),
+and a SHA-256 of each file. ``foldgpt verify DIR`` recomputes the checksums, so a
 truncated copy, a half-synced upload or an edited weight file is caught before anyone evaluates it.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,7 @@ from foldgpt.errors import FoldGPTError
 MANIFEST_FILE = "manifest.json"
 # files that a stage may add after the folder itself was completed (the compress stage marker)
 UNTRACKED = {MANIFEST_FILE, "stage.json"}
+COMMIT_HASH = re.compile(r"^[0-9a-f]{40}$")
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -30,12 +33,38 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def model_identity(source: str | None) -> dict | None:
-    """Path of the input model and a hash of its config and weight index (file names and sizes), cheap even for 70B."""
+def hub_origin(source: str | Path | None) -> dict | None:
+    """The Hub ID, revision and commit of a model folder inside the Hugging Face cache, else None.
+
+    The cache layout says it all (``.../models--org--name/snapshots/<commit>``, ``refs/<revision>`` holding the commit),
+    so every writer can record where a Hub model came from from its path alone. The revision is ``main`` when that
+    branch points at the commit, else another cached branch or tag that does, else the commit itself.
+    """
+    if not source:
+        return None
+    path = Path(source)
+    if path.is_file():  # a .gguf file inside a snapshot
+        path = path.parent
+    if path.parent.name != "snapshots" or not path.parent.parent.name.startswith("models--") or not COMMIT_HASH.match(path.name):
+        return None
+    repo = path.parent.parent
+    refs = repo / "refs"
+    pointing = sorted(str(ref.relative_to(refs)) for ref in refs.rglob("*")
+                      if ref.is_file() and ref.read_text(encoding="utf-8").strip() == path.name) if refs.is_dir() else []
+    revision = "main" if "main" in pointing else (pointing[0] if pointing else path.name)
+    return {"id": repo.name.removeprefix("models--").replace("--", "/"), "revision": revision, "commit": path.name}
+
+
+def model_identity(source: str | None, hub: dict | None = None) -> dict | None:
+    """Path of the input model and a hash of its config and weight index (file names and sizes), cheap even for 70B;
+    ``hub`` (what the writer recorded, else ``hub_origin`` of the path) for a model from the Hugging Face cache."""
     if not source:
         return None
     path = Path(source)
     identity: dict = {"path": str(path)}
+    hub = hub or hub_origin(path)
+    if hub:
+        identity["hub"] = hub
     if path.is_dir():
         digest = hashlib.sha256()
         for name in ("config.json", "model.safetensors.index.json"):
@@ -61,7 +90,7 @@ def write_manifest(folder: Path) -> None:
         "foldgpt_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": metadata,
-        "input_model": model_identity(metadata.get("source_model")),
+        "input_model": model_identity(metadata.get("source_model"), metadata.get("source_hub")),
         "files": files,
     }
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")

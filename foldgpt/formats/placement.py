@@ -13,19 +13,20 @@ from foldgpt.formats.loading import load_model
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
-def load_placed(spec: str, dtype: str = "float32", device: str = "cpu", device_map: str | None = None):
+def load_placed(spec: str, dtype: str = "float32", device: str = "cpu", device_map: str | None = None,
+                trust_remote_code: bool = False):
     """``load_model``, then with ``device_map`` the blocks spread over the visible devices by accelerate.
 
     ``device_map`` is ``auto`` / ``balanced`` / ``balanced_low_0`` (every block whole on one device, the blocks
     balanced over the GPUs), ``sequential`` (fill GPU 0 first), or one device (``cpu``, ``cuda:1``). The model is read
     on the CPU first (so compact and GGUF folders work the same way), then dispatched: accelerate moves each block's
     input to its device, and the logits come out on the last block's device. Shared (folded) weights stay one
-    Parameter, so a group is kept on one device.
+    Parameter, so a group is kept on one device. ``trust_remote_code`` as in ``load_model``.
     """
 
     if device_map is None:
-        return load_model(spec, dtype=dtype, device=device)
-    loaded = load_model(spec, dtype=dtype, device="cpu")
+        return load_model(spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    loaded = load_model(spec, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code)
     loaded.model = dispatch(loaded.model, device_map)
     return loaded
 

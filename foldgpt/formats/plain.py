@@ -34,6 +34,7 @@ def export_plain(loaded: LoadedModel, out: str | Path, overwrite: bool = False) 
         "foldgpt_version": __version__,
         "stage": "export",
         "source_model": loaded.source,
+        "source_hub": loaded.hub,
         "source_metadata": read_metadata(loaded.source),
         "parameters": parameter_report(model).to_dict(),
     }

@@ -184,6 +184,7 @@ def heal_metadata(run: HealingRun, state: TrainingState, seconds: float) -> dict
         "stage": "heal",
         "source_model": run.student.source,
         "teacher": run.teacher.source,
+        "teacher_hub": run.teacher.hub,
         "source_metadata": read_metadata(run.student.source),
         "config": {**asdict(config), "target_modules": list(lora_targets(run.model, config))},
         "total_steps": config.total_steps,

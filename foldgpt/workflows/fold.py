@@ -66,6 +66,7 @@ def fold_model(
         "foldgpt_version": __version__,
         "stage": "fold",
         "source_model": loaded.source,
+        "source_hub": loaded.hub,
         "source_metadata": read_metadata(loaded.source),
         "groups": group_list,
         "parents": parents,

@@ -13,6 +13,7 @@ from transformers import PreTrainedModel
 from foldgpt._version import __version__
 from foldgpt.arch.adapters import adapter_for
 from foldgpt.core.lineage import in_original_numbering
+from foldgpt.core.manifest import hub_origin
 from foldgpt.data.config import CalibrationConfig
 from foldgpt.selection.base import Selection
 from foldgpt.surgery.budget import RemovalTarget, branch_flops_per_token, branch_parameters, model_flops_per_token
@@ -66,6 +67,7 @@ def prune_metadata(
         "foldgpt_version": __version__,
         "stage": "prune",
         "source_model": source,
+        "source_hub": hub_origin(source),  # Hub ID, revision and commit of a model from the Hugging Face cache
         "method": method,
         "num_blocks_before": num_blocks,
         "num_blocks_after": num_blocks - n_remove,
