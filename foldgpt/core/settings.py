@@ -23,7 +23,7 @@ import os
 import re
 import types
 import typing
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, Field, dataclass
 from typing import Any, Literal
 
@@ -320,10 +320,3 @@ def to_mapping(config: Any, exclude: Sequence[str] = ()) -> dict[str, Any]:
 def flat_settings(config: Any) -> dict[str, Any]:
     """Every setting of ``config`` by its flat name (``gate_steps``)."""
     return {option.name: value_at(config, option.path) for option in options(type(config))}
-
-
-def walk_sections(config: Any) -> Iterator[tuple[str, Any]]:
-    """``(name, sub-config)`` of each section of ``config``."""
-    for field in user_fields(type(config)):
-        if section_of(field) is not None:
-            yield field.name, getattr(config, field.name)
