@@ -29,10 +29,6 @@ class RemovalTarget:
                                          help="keep at most a fraction F of the forward FLOPs per token (at context 2048), e.g. 0.75")
     flops_context: int = setting(2048, internal=True, help="context length at which FLOPs per token are counted")
 
-    def __post_init__(self) -> None:
-        if len(self.given()) > 1:
-            raise FoldGPTError("give exactly one target: --remove N, --remove-ratio R, --target-params F or --target-flops F")
-
     def given(self) -> list[str]:
         return [name for name in TARGET_FIELDS if getattr(self, name) is not None]
 

@@ -70,6 +70,8 @@ class CompressConfig:
     def __post_init__(self) -> None:
         if self.selection.method is None:
             raise FoldGPTError("compress needs a --method (default: gates)")
+        if len(self.target.given()) != 1:  # checked now, not after the dense evaluation and the analysis
+            raise FoldGPTError("give exactly one target: --remove N, --remove-ratio R, --target-params F or --target-flops F")
         self.probe_config()  # checked as it will run (its window length is the heal's, unknown to the section alone)
 
     @property
