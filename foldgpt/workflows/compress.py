@@ -170,7 +170,8 @@ def run_pipeline(config: CompressConfig, out: str | Path, overwrite: bool = Fals
 
     def dense_model() -> LoadedModel:
         if not teacher:
-            teacher.append(load_model(config.loading.model, dtype=config.loading.dtype, device=config.loading.device))
+            teacher.append(load_model(config.loading.model, dtype=config.loading.dtype, device=config.loading.device,
+                      trust_remote_code=config.loading.trust_remote_code))
         return teacher[0]
 
     dense = run_stage(out, "dense", config, "", lambda folder: _evaluate_into(folder, dense_model(), config.eval))
@@ -200,7 +201,8 @@ def _check_output(out: Path, overwrite: bool) -> None:
 
 
 def _load(folder: Path, config: CompressConfig) -> LoadedModel:
-    return load_model(str(folder), dtype=config.loading.dtype, device=config.loading.device)
+    return load_model(str(folder), dtype=config.loading.dtype, device=config.loading.device,
+                      trust_remote_code=config.loading.trust_remote_code)
 
 
 def evaluate_model(loaded: LoadedModel, config: EvalConfig) -> dict:
@@ -235,7 +237,8 @@ def _analyze_into(folder: Path, loaded: LoadedModel, config: CompressConfig) -> 
 
 
 def _prune_into(folder: Path, config: CompressConfig) -> dict:
-    loaded = load_model(config.loading.model, dtype=config.loading.dtype, device=config.loading.device)
+    loaded = load_model(config.loading.model, dtype=config.loading.dtype, device=config.loading.device,
+                      trust_remote_code=config.loading.trust_remote_code)
     target, sharing = config.target, config.sharing
     targets = {name: getattr(target, name) for name in target.given()}
     if target.target_params is not None and (sharing.group_size or 1) > 1 and not sharing.groups:

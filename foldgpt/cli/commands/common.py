@@ -31,6 +31,7 @@ def prepare(command: str, method: str | None) -> None:
 def load(config: ModelConfig) -> LoadedModel:
     """The model of ``config``, placed, with a line on stderr saying how long it took."""
     start = time.perf_counter()
-    loaded = load_placed(config.model, dtype=config.dtype, device=config.device, device_map=config.device_map)
+    loaded = load_placed(config.model, dtype=config.dtype, device=config.device, device_map=config.device_map,
+                         trust_remote_code=config.trust_remote_code)
     print(f"loaded {loaded.source} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     return loaded

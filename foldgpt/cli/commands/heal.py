@@ -38,8 +38,10 @@ def run(args: argparse.Namespace) -> None:
         device = "cpu"  # the models to each process's own device; rank 0 reports
         main_process = is_main_process()
         config = dataclasses.replace(config, world_size=launched_world_size())  # the global batch, for the message
-    student = load_placed(args.student, dtype=loading.dtype, device=device, device_map=loading.device_map)
-    teacher = load_placed(args.teacher, dtype=loading.dtype, device=device, device_map=loading.device_map)
+    student = load_placed(args.student, dtype=loading.dtype, device=device, device_map=loading.device_map,
+                          trust_remote_code=loading.trust_remote_code)
+    teacher = load_placed(args.teacher, dtype=loading.dtype, device=device, device_map=loading.device_map,
+                          trust_remote_code=loading.trust_remote_code)
     if main_process:
         print(f"healing {student.source} from {teacher.source}: {config.total_steps} steps x {config.tokens_per_step} tokens",
               file=sys.stderr)
