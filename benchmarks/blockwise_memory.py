@@ -29,12 +29,12 @@ def status():
     fields = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
     return {key: int(fields[key].split()[0]) * 1024 for key in ("VmHWM", "VmPeak", "VmRSS", "VmSize")}
 if sys.argv[1] == "--baseline":
-    import foldgpt.blockwise, foldgpt.cli, foldgpt.plotting, matplotlib.pyplot  # everything a run imports
-    from foldgpt.blockwise import BlockwiseModel
+    import foldgpt.analysis.blockwise, foldgpt.analysis.figures, foldgpt.cli.main, foldgpt.workflows.prune_blockwise, matplotlib.pyplot  # everything a run imports
+    from foldgpt.formats.blockwise import BlockwiseModel
     runner = BlockwiseModel("smollm2-135m")  # the skeleton and outer tensors (embedding = tied head, final norm)
     print("MEMORY", status(), flush=True)
     sys.exit(0)
-from foldgpt.cli import main
+from foldgpt.cli.main import main
 code = main(sys.argv[1:])
 print("MEMORY", status(), flush=True)
 sys.exit(code)

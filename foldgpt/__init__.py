@@ -11,6 +11,7 @@ The Python API mirrors the CLI::
     foldgpt.perplexity(loaded.model, loaded.tokenizer, "wikitext2", seqlen=1024, max_tokens=8192)
     foldgpt.evaluate_tasks(loaded.model, loaded.tokenizer, ["piqa", "arc_easy"], limit=100)  # lm-eval, offline
     foldgpt.measure_efficiency(loaded.model, loaded.source)  # parameters, disk, FLOPs, prefill/decode, peak memory
+    foldgpt.compress("smollm2-135m", "runs/main", gate_steps=40, heal={"steps": 50})  # the whole pipeline, resumable
 
 The names are imported on first use (PEP 562), so ``import foldgpt`` and ``foldgpt --help`` stay fast; nothing in
 the package imports this module back.
@@ -26,6 +27,7 @@ from foldgpt._version import __version__
 _EXPORTS = {
     "PRUNE_SCREEN": "foldgpt.selection.config",
     "CalibrationConfig": "foldgpt.data.config",
+    "CompressConfig": "foldgpt.workflows.config",
     "EfficiencyReport": "foldgpt.eval.efficiency",
     "FoldGPTError": "foldgpt.errors",
     "FoldResult": "foldgpt.workflows.fold",
@@ -39,7 +41,7 @@ _EXPORTS = {
     "RedundancyStats": "foldgpt.analysis.redundancy",
     "TaskResults": "foldgpt.eval.lm_tasks",
     "analyze": "foldgpt.workflows.analyze",
-    "compress": "foldgpt.cli.settings",
+    "compress": "foldgpt.workflows.compress",
     "evaluate_tasks": "foldgpt.eval.lm_tasks",
     "export_plain": "foldgpt.formats.plain",
     "fold_model": "foldgpt.workflows.fold",
@@ -57,6 +59,7 @@ _ALIASES = {"load": "load_model"}
 __all__ = [
     "PRUNE_SCREEN",
     "CalibrationConfig",
+    "CompressConfig",
     "EfficiencyReport",
     "FoldGPTError",
     "FoldResult",
@@ -101,7 +104,6 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from foldgpt.analysis.redundancy import RedundancyStats, redundancy_stats
-    from foldgpt.cli.settings import compress
     from foldgpt.data.config import CalibrationConfig
     from foldgpt.errors import FoldGPTError
     from foldgpt.eval.efficiency import EfficiencyReport, measure_efficiency
@@ -114,6 +116,8 @@ if TYPE_CHECKING:
     from foldgpt.selection.config import PRUNE_SCREEN, GateConfig, ProbeConfig
     from foldgpt.surgery.removal import remove_blocks
     from foldgpt.workflows.analyze import analyze
+    from foldgpt.workflows.compress import compress
+    from foldgpt.workflows.config import CompressConfig
     from foldgpt.workflows.fold import FoldResult, fold_model
     from foldgpt.workflows.prune import PruneResult, prune
 

@@ -7,7 +7,8 @@ Usage: distributed_worker.py STOP -- CLI_HEAL_ARGS...
 
 import sys
 
-from foldgpt.cli.main import _heal_config, build_parser, main
+from foldgpt.cli.commands.heal import heal_config
+from foldgpt.cli.main import build_parser, main
 from foldgpt.formats.loading import load_model
 from foldgpt.healing.loop import heal
 
@@ -15,7 +16,7 @@ from foldgpt.healing.loop import heal
 def api_heal(argv: list[str], **kwargs):
     args = build_parser().parse_args(argv)
     student, teacher = load_model(args.student), load_model(args.teacher)
-    return heal(student, teacher, _heal_config(args), out=args.out, **kwargs)
+    return heal(student, teacher, heal_config(args), out=args.out, **kwargs)
 
 
 if __name__ == "__main__":

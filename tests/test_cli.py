@@ -221,3 +221,77 @@ def test_nsamples_defaults_to_64_windows_for_gates_and_16_for_scoring_methods(ca
         assert json.loads((out / "foldgpt.json").read_text())["calibration"]["nsamples"] == expected
     prune_help = build_parser()._subparsers._group_actions[0].choices["prune"].format_help()
     assert "64 for --method gates, 16 for the others" in " ".join(prune_help.split())
+
+
+def test_docs_cli_md_is_generated_from_the_current_settings():
+    from pathlib import Path
+
+    from foldgpt.cli.docs import render
+
+    path = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
+    assert path.read_text() == render(), "docs/cli.md is stale: run python -m foldgpt.cli.docs > docs/cli.md"
+
+
+def test_heal_and_compress_take_the_same_settings_under_the_same_names():
+    from foldgpt.core.settings import options
+    from foldgpt.healing.config import HealConfig
+
+    subparsers = build_parser()._subparsers._group_actions[0].choices
+    flags = {name: {flag for action in subparsers[name]._actions for flag in action.option_strings} for name in ("heal", "compress")}
+    for option in options(HealConfig):
+        assert option.flag in flags["heal"] and "--heal-" + option.flag.removeprefix("--") in flags["compress"], option.flag
+    assert {"--lora-targets", "--train-norms", "--no-train-norms"} <= flags["heal"]
+    assert {"--heal-lora-targets", "--heal-train-norms", "--no-heal-train-norms"} <= flags["compress"]
+    assert "--freeze-norms" not in flags["heal"] and "--heal-target-modules" not in flags["compress"]
+
+
+def test_a_nested_config_a_flat_one_and_the_command_line_resolve_alike(tmp_path):
+    import yaml
+
+    from foldgpt.cli.schema import read_config
+    from foldgpt.core.settings import to_mapping
+    from foldgpt.workflows.compress import config_from_file
+
+    nested, flat = tmp_path / "nested.yaml", tmp_path / "flat.yaml"
+    nested.write_text(yaml.safe_dump({"gates": {"steps": 40, "lam": 0.3}, "heal": {"steps": 5, "train_norms": False},
+                                      "target": {"remove_ratio": 0.2}, "eval": {"tasks": ["piqa"]}}))
+    flat.write_text("gate_steps: 40\ngate_lambda: 0.3\nheal_steps: 5\nheal_train_norms: false\nremove_ratio: 0.2\ntasks: piqa\n")
+    config = config_from_file(nested)
+    assert config == config_from_file(flat)
+    assert (config.gates.steps, config.heal.train_norms, config.target.remove, config.target.remove_ratio) == (40, False, None, 0.2)
+    assert config.eval.tasks == ("piqa",) and config.eval.limit == 100  # the rest: compress's defaults
+    args = build_parser().parse_args(["compress", "m", "--config", str(nested), "--gate-steps", "7", "--remove", "2",
+                                      "--heal-lora-targets", "q_proj,v_proj", "--heal-train-norms", "--out", "o"])
+    cli = read_config(args, config_from_file(args.config))
+    assert (cli.gates.steps, cli.gates.lam, cli.heal.steps, cli.heal.train_norms) == (7, 0.3, 5, True)  # command line wins
+    assert (cli.target.remove, cli.target.remove_ratio) == (2, None)  # a target given later replaces the file's
+    assert cli.heal.target_modules == ("q_proj", "v_proj") and cli.loading.model == "m"
+    saved = tmp_path / "saved.yaml"
+    saved.write_text(yaml.safe_dump(to_mapping(cli)))
+    assert config_from_file(saved) == cli  # the saved config.yaml reads back as the same config
+
+
+@pytest.mark.parametrize(
+    ("content", "phrase"),
+    [
+        ("heal: {stepz: 3}\n", "unknown setting 'heal.stepz'; did you mean 'heal.steps'?"),
+        ("heal: 3\n", "setting 'heal' must be a mapping"),
+        ("gates: {center: mean}\n", "unknown setting 'gates.center'"),  # sections take the field names, flat keys the flags'
+        ("gate_center: middle\n", "setting 'gate_center' must be one of mean, target"),
+        ("heal: {steps: 1.5}\n", "setting 'heal.steps' has an invalid value 1.5: give an integer"),
+        ("gate_steps: null\n", "setting 'gate_steps' has an invalid value None"),
+        ("gates: {steps: 0}\n", "gate training needs steps >= 1"),
+        ("remove: 2\nremove_ratio: 0.5\n", "give exactly one target"),
+        ("loading: {device_map: auto}\n", "unknown setting 'loading.device_map'"),
+        ("probe: {seqlen: 8}\n", "unknown setting 'probe.seqlen'"),  # set by the pipeline (the heal's)
+    ],
+)
+def test_config_errors_name_the_setting_as_it_was_written(tmp_path, content, phrase):
+    from foldgpt.errors import FoldGPTError
+    from foldgpt.workflows.compress import config_from_file
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    with pytest.raises(FoldGPTError) as error:
+        config_from_file(path)
+    assert phrase in str(error.value) and f"config '{path}'" in str(error.value) and "\n" not in str(error.value)

@@ -10,6 +10,7 @@ import foldgpt
 from foldgpt.cli.main import main
 from foldgpt.core.manifest import verify
 from foldgpt.errors import FoldGPTError
+from foldgpt.workflows.compress import compress_config, settings_for
 from tiny import DEPTH, save_tiny
 
 
@@ -35,6 +36,11 @@ def quick_options(text_file) -> dict:
     }
 
 
+def keyed(stage, options):
+    """What ``stage``'s key hashes for these settings (flat names, the rest at the defaults)."""
+    return settings_for(stage, compress_config(options, "test"))
+
+
 def stage_records(out):
     return {stage: json.loads((out / stage / "stage.json").read_text()) for stage in ("dense", "analysis", "pruned", "folded", "healed", "final")}
 
@@ -51,7 +57,7 @@ def test_every_stage_runs_and_a_rerun_skips_them_all(tiny_folder, text_file, tmp
     assert hasattr(healed.model, "get_base_model")
     for name in ("dense", "compressed"):
         assert summary[name]["perplexity"][str(text_file)]["perplexity"] > 1.0
-    assert yaml.safe_load((out / "config.yaml").read_text())["group_size"] == 2
+    assert yaml.safe_load((out / "config.yaml").read_text())["sharing"]["group_size"] == 2
     assert "| run |" in (out / "report" / "report.md").read_text()
     # the pruned stage is written by foldgpt.prune itself: plain folder, foldgpt.json, gate plot, manifest
     assert (out / "pruned" / "gates.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -82,32 +88,29 @@ def test_a_changed_setting_redoes_only_the_stages_after_it(tiny_folder, text_fil
 
 
 def test_gate_settings_invalidate_the_removal_only_when_the_gates_remove():
-    from foldgpt.workflows.compress import settings_for
-
     base = {"model": "m", "method": "bi", "remove": 6, "gate_steps": 80, "gate_restarts": 3, "gradient_checkpointing": False,
             "heal_steps": 25}
-    assert "gate_restarts" not in settings_for("pruned", base) and "remove" in settings_for("pruned", base)
-    assert settings_for("pruned", base) == settings_for("pruned", {**base, "gate_restarts": 1, "gate_steps": 160})
+    assert "gates" not in keyed("pruned", base) and "remove" in keyed("pruned", base)["target"]
+    assert keyed("pruned", base) == keyed("pruned", {**base, "gate_restarts": 1, "gate_steps": 160})
     gates = {**base, "method": "gates"}
-    assert settings_for("pruned", gates)["gate_restarts"] == 3
-    assert settings_for("pruned", gates) != settings_for("pruned", {**gates, "gate_restarts": 1})
+    assert keyed("pruned", gates)["gates"]["restarts"] == 3
+    assert keyed("pruned", gates) != keyed("pruned", {**gates, "gate_restarts": 1})
 
 
-def test_settings_added_later_leave_a_finished_stage_valid_at_their_default():
-    from foldgpt.workflows.compress import settings_for
-
+def test_a_setting_given_at_its_default_keys_a_stage_as_if_it_were_left_out():
+    # stage keys hash the resolved sections, so spelling out a default changes nothing (0.1's LATER_SETTINGS is gone)
     before = {"model": "m", "method": "gates", "remove": 6, "gate_steps": 80, "gradient_checkpointing": False}
     now = {**before, "gate_lora_rank": 0, "gate_lora_lr": 5e-3}
-    assert settings_for("pruned", now) == settings_for("pruned", before)  # a run from before the option: not redone
-    assert settings_for("pruned", {**now, "gate_lora_rank": 8})["gate_lora_rank"] == 8  # set: a new removal
+    assert keyed("pruned", now) == keyed("pruned", before)  # the defaults spelled out: not redone
+    assert keyed("pruned", {**now, "gate_lora_rank": 8})["gates"]["lora_rank"] == 8  # set: a new removal
 
 
 def test_the_pipeline_probes_by_default_and_prune_does_not(tiny_folder, text_file, tmp_path):
+    from foldgpt.cli.commands.prune import settings_of
     from foldgpt.cli.main import build_parser
-    from foldgpt.cli.settings import resolve_settings
 
-    assert resolve_settings(str(tiny_folder))["gate_probe_sets"] == 3  # compress heals: it picks its set by healing
-    assert build_parser().parse_args(["prune", "m", "--out", "o", "--remove", "1"]).gate_probe_sets == 0
+    assert compress_config({"model": str(tiny_folder)}, "test").probe.sets == 3  # compress heals: it picks its set by healing
+    assert settings_of(build_parser().parse_args(["prune", "m", "--out", "o", "--remove", "1"])).probe.sets == 0
     options = {**quick_options(text_file), "group_size": 1, "gate_probe_sets": 2, "gate_probe_steps": 1,
                "gate_probe_tokens": 64, "gate_probe_screen": 3, "gate_probe_pool": 1}
     summary = foldgpt.compress(str(tiny_folder), tmp_path / "run", **options)
@@ -119,19 +122,18 @@ def test_the_pipeline_probes_by_default_and_prune_does_not(tiny_folder, text_fil
 
 
 def test_probe_settings_do_not_matter_to_a_finished_stage_while_probes_are_off():
-    from foldgpt.workflows.compress import settings_for
-
     off = {"model": "m", "method": "gates", "remove": 6, "gate_probe_sets": 0, "gate_probe_steps": 25, "gate_probe_tokens": 32768}
-    before = {"model": "m", "method": "gates", "remove": 6}  # a run from before the probes existed
-    assert settings_for("pruned", off) == settings_for("pruned", before)
+    before = {"model": "m", "method": "gates", "remove": 6, "gate_probe_sets": 0}  # probes off, the rest at the defaults
+    assert keyed("pruned", off) == keyed("pruned", before)
     on = {**off, "gate_probe_sets": 3}
-    assert settings_for("pruned", on)["gate_probe_steps"] == 25 and settings_for("pruned", on) != settings_for("pruned", before)
+    assert keyed("pruned", on)["probe"]["steps"] == 25 and keyed("pruned", on) != keyed("pruned", before)
     # a pipeline that does not heal heals no probes; without the screen its removal is the probe-less one
-    assert settings_for("pruned", {**on, "heal_steps": 0}) == settings_for("pruned", {**off, "heal_steps": 0}) == settings_for("pruned", before)
-    # with the screen (prune's default, --gate-probe-screen 24) it is a new removal, unlike any run from before
-    screened = settings_for("pruned", {**on, "heal_steps": 0, "gate_probe_screen": 24, "gate_probe_pool": 3})
-    assert screened["gate_screen_only"] is True and screened != settings_for("pruned", before)
-    assert settings_for("pruned", {**on, "gate_probe_screen": 24}) == settings_for("pruned", on)  # healing: probes decide
+    unscreened = {"heal_steps": 0, "gate_probe_screen": 0}
+    assert keyed("pruned", {**on, **unscreened}) == keyed("pruned", {**off, **unscreened}) == keyed("pruned", before)
+    # with the screen (prune's default, --gate-probe-screen 24) it is a new removal, unlike any run without it
+    screened = keyed("pruned", {**on, "heal_steps": 0, "gate_probe_screen": 24, "gate_probe_pool": 3})
+    assert screened["probe"]["screen_only"] is True and screened != keyed("pruned", before)
+    assert keyed("pruned", {**on, "gate_probe_screen": 24}) == keyed("pruned", on)  # healing: probes decide
 
 
 def test_a_pipeline_that_does_not_heal_screens_as_prune_does(tiny_folder, text_file, tmp_path):

@@ -6,10 +6,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from foldgpt.cli.settings import checked_settings, compress_parser
+from foldgpt.core.settings import flat_settings, options
 from foldgpt.errors import FoldGPTError
 from foldgpt.surgery.removal import count_parameters, remove_blocks
 from foldgpt.surgery.sharing import fold, parameter_report, parse_groups
+from foldgpt.workflows.compress import CompressConfig, compress_config
 from tiny import DEPTH, tiny_model
 
 BASE = tiny_model("llama")
@@ -67,8 +68,7 @@ def test_any_group_map_folds_to_the_expected_unique_size_or_is_refused(spec):
     assert len(model.model.layers) == DEPTH
 
 
-PARSER = compress_parser()
-SETTING_NAMES = sorted(action.dest for action in PARSER._actions if action.dest not in ("help", "config", "out", "overwrite"))
+SETTING_NAMES = sorted(option.name for option in options(CompressConfig))
 VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 5000), st.floats(allow_nan=True), st.text(max_size=8),
                    st.lists(st.integers(0, 3), max_size=3))
 
@@ -77,8 +77,9 @@ VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 5000), st.floats(al
 @given(st.dictionaries(st.one_of(st.sampled_from(SETTING_NAMES), st.text(max_size=6)), VALUES, max_size=5))
 def test_any_settings_mapping_is_accepted_converted_or_refused_with_a_clear_error(mapping):
     try:
-        checked = checked_settings(PARSER, mapping, "config 'fuzz.yaml'")
+        config = compress_config(mapping, "config 'fuzz.yaml'")
     except FoldGPTError as error:
         assert "fuzz.yaml" in str(error) and "\n" not in str(error)
         return
+    checked = {name: value for name, value in flat_settings(config).items() if name in mapping}
     assert set(checked) == set(mapping) and set(checked) <= set(SETTING_NAMES)

@@ -9,9 +9,8 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from foldgpt.analysis.figures import plot_gate_history
-from foldgpt.cli.main import METHOD_NAMES
 from foldgpt.errors import FoldGPTError
-from foldgpt.selection.config import GateConfig
+from foldgpt.selection.config import METHOD_NAMES, GateConfig
 from foldgpt.selection.gates import (
     block_flops_weights,
     ensemble_gates,
@@ -50,6 +49,7 @@ def test_gates_close_on_identity_blocks_and_those_blocks_are_removed():
     assert len(selection.details["gate_history"]) == FAST.steps == len(selection.details["loss_history"])
     assert selection.details["hyperparameters"]["lam"] == FAST.lam
     assert METHODS["gates"] is select_by_gates and "gates" in METHOD_NAMES
+    assert set(METHODS) == set(METHOD_NAMES)  # the CLI's choices are the registry's methods
 
 
 def test_polarization_regularizer_value_and_gradient_match_hand_computation():

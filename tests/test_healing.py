@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 import foldgpt
 from cli_helpers import run_cli
 from foldgpt.arch.adapters import adapter_for
-from foldgpt.cli.main import _interrupt_on_sigterm
+from foldgpt.cli.main import interrupt_on_sigterm
 from foldgpt.errors import FoldGPTError
 from foldgpt.formats.loading import LoadedModel
 from foldgpt.healing import loop as healing
@@ -165,7 +165,7 @@ def cli_sigterm():
     """SIGTERM mapped to KeyboardInterrupt as ``foldgpt.cli.main`` does (so without the deferral it interrupts at once,
     instead of killing the test process); the previous handler back afterwards."""
     previous = signal.getsignal(signal.SIGTERM)
-    _interrupt_on_sigterm()
+    interrupt_on_sigterm()
     # Ctrl-C as Python sets it up in a terminal: a job started in the background of a shell inherits SIGINT ignored,
     # which healing rightly leaves alone, so the Ctrl-C case would not interrupt at all
     previous_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -1,118 +1,70 @@
-"""Pipeline settings: one flat dictionary whose keys are the ``foldgpt compress`` options.
+"""The settings of each command, composed of the config dataclasses (``compress``'s is ``CompressConfig``).
 
-The CLI parser is the single schema: a YAML ``--config`` file, the Python API's keyword arguments and the command line
-all set the same keys (``--gate-steps`` is ``gate_steps``), are checked by the same argparse types and choices, and
-resolve in the order parser defaults < YAML < explicit options. The resolved settings are saved as
-``DIR/config.yaml``, which is itself a valid ``--config``.
+Torch-free: the parsers are generated from these (``foldgpt.cli.schema``), and the commands read them back.
 """
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
-import yaml
+from foldgpt.core.settings import section
+from foldgpt.data.config import CalibrationConfig
+from foldgpt.eval.config import EvalConfig
+from foldgpt.formats.config import ModelConfig, OffloadConfig
+from foldgpt.healing.config import HealConfig
+from foldgpt.selection.config import GATE_CALIBRATION_WINDOWS, PRUNE_SCREEN, GateConfig, ProbeConfig, SelectionConfig
+from foldgpt.surgery.config import RemovalTarget, SharingConfig
 
-from foldgpt.errors import FoldGPTError
-from foldgpt.workflows.compress import run_pipeline
-
-NOT_SETTINGS = {"command", "handler", "debug", "data_dir", "config", "out", "overwrite", "default_remove"}
-TARGET_KEYS = ("remove", "remove_ratio", "target_params", "target_flops")
-
-
-def compress_parser() -> argparse.ArgumentParser:
-    """The ``compress`` sub-command's parser (a fresh one: defaults are set on it)."""
-    from foldgpt.cli.main import build_parser  # noqa: PLC0415
-
-    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return subparsers.choices["compress"]
+MODEL = "model"
+CALIBRATION = "calibration data"
+MEMORY = "memory (big models)"
 
 
-def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The settings in a parsed ``compress`` namespace, with the default target filled in."""
-    settings = {key: list(value) if isinstance(value, tuple) else value for key, value in vars(args).items() if key not in NOT_SETTINGS}
-    if all(settings[key] is None for key in TARGET_KEYS):
-        settings["remove"] = args.default_remove
-    return settings
+@dataclass(frozen=True)
+class AnalyzeSettings:
+    loading: ModelConfig = section(ModelConfig, title=MODEL, exclude=("device_map",), help="the model to analyse")
+    calibration: CalibrationConfig = section(CalibrationConfig, title=CALIBRATION, help="the text the blocks are measured on")
+    offload: OffloadConfig = section(OffloadConfig, title=MEMORY, help="block-by-block analysis")
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML mapping of settings, with dashes in keys turned into underscores."""
-    path = Path(path)
-    if not path.is_file():
-        raise FoldGPTError(f"config file '{path}' does not exist; give the path of a YAML file (e.g. a previous run's config.yaml)")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise FoldGPTError(f"config file '{path}' is not valid YAML: {str(error).splitlines()[0]}") from error
-    if not isinstance(data, dict):
-        raise FoldGPTError(f"config file '{path}' must be a mapping of settings (key: value), not a {type(data).__name__}")
-    return {str(key).replace("-", "_"): value for key, value in data.items()}
+@dataclass(frozen=True)
+class PruneSettings:
+    """``calibration``'s default depends on the method (``foldgpt.selection.config.default_calibration``)."""
+
+    loading: ModelConfig = section(ModelConfig, title=MODEL, help="the model to prune")
+    selection: SelectionConfig = section(SelectionConfig, title="block selection", help="the method, or the blocks")
+    target: RemovalTarget = section(RemovalTarget, title="block selection", help="how much to remove")
+    calibration: CalibrationConfig = section(
+        CalibrationConfig, title=CALIBRATION, help="the text the blocks are chosen on",
+        shown={"nsamples": f"{GATE_CALIBRATION_WINDOWS} for --method gates, {CalibrationConfig().nsamples} for the others"})
+    gates: GateConfig = section(GateConfig, prefix="gate-", title="gate training (--method gates)", help="the gates' training")
+    probe: ProbeConfig = section(lambda: PRUNE_SCREEN, prefix="gate-probe-",
+                                 title="screen and healing probes of the gates' near-ties (--method gates)",
+                                 help="how the gates' near-tied sets are screened (and probed)")
+    offload: OffloadConfig = section(OffloadConfig, title=MEMORY, help="block-by-block selection (bi, angular, sleb)")
 
 
-def checked_settings(parser: argparse.ArgumentParser, values: dict[str, Any], origin: str) -> dict[str, Any]:
-    """``values`` converted and validated with the parser's own types and choices; unknown keys refused."""
-    actions = {action.dest: action for action in parser._actions if action.dest not in NOT_SETTINGS and action.dest != "help"}
-    checked = {}
-    for key, value in values.items():
-        if key in ("out", "overwrite", "config"):
-            raise FoldGPTError(f"{origin}: '{key}' is not a setting; give it on the command line (--{key})")
-        if key not in actions:
-            raise FoldGPTError(f"{origin}: unknown setting {str(key)!r}; valid settings: {', '.join(sorted(actions))}")
-        checked[key] = _convert(actions[key], value, f"{origin}: setting '{key}'")
-    return checked
+@dataclass(frozen=True)
+class EvalSettings:
+    loading: ModelConfig = section(ModelConfig, title=MODEL, exclude=("device_map",), help="the model to evaluate")
+    eval: EvalConfig = section(EvalConfig, title="perplexity, tasks (lm-evaluation-harness, offline), efficiency",
+                               help="what to evaluate")
+    offload: OffloadConfig = section(OffloadConfig, title=MEMORY, help="block-by-block perplexity")
 
 
-def _convert(action: argparse.Action, value: Any, where: str) -> Any:
-    if value is None:
-        return None
-    if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
-        if not isinstance(value, bool):
-            raise FoldGPTError(f"{where} must be true or false, not {value!r}")
-        return value
-    if isinstance(value, (list, tuple)):
-        value = ",".join(str(item) for item in value)
-    if isinstance(value, bool) or (isinstance(value, float) and action.type is int):
-        raise FoldGPTError(f"{where} has the wrong type: {value!r}")
-    converter = action.type or str
-    try:
-        converted = converter(str(value)) if action.type is not None else value
-    except (argparse.ArgumentTypeError, ValueError, FoldGPTError) as error:
-        raise FoldGPTError(f"{where} has an invalid value {value!r}: {error}") from None
-    if action.choices is not None and converted not in action.choices:
-        raise FoldGPTError(f"{where} must be one of {', '.join(map(str, action.choices))}, not {value!r}")
-    return converted
+@dataclass(frozen=True)
+class FoldSettings:
+    loading: ModelConfig = section(ModelConfig, title=MODEL, exclude=("device_map",), help="the (pruned) model to fold")
+    sharing: SharingConfig = section(SharingConfig, title="grouped sharing", help="the groups and their parents")
 
 
-def resolve_settings(model: str, config: str | Path | None = None, **options: Any) -> dict[str, Any]:
-    """Settings for ``foldgpt.compress`` from Python: defaults < the YAML ``config`` < ``options``."""
-    parser = compress_parser()
-    layered = checked_settings(parser, read_yaml(config), f"config '{config}'") if config else {}
-    explicit = checked_settings(parser, {key.replace("-", "_"): value for key, value in options.items()}, "compress()")
-    if any(key in explicit for key in TARGET_KEYS):  # a target given explicitly replaces the config's target
-        layered = {key: value for key, value in layered.items() if key not in TARGET_KEYS}
-    parser.set_defaults(**{**layered, **explicit})
-    return settings_from_args(parser.parse_args([model, "--out", "unused"]))
+@dataclass(frozen=True)
+class ExportSettings:
+    loading: ModelConfig = section(ModelConfig, title=MODEL, exclude=("device_map",), help="the compact model to export")
 
 
-def apply_yaml_config(argv: list[str], args: argparse.Namespace) -> argparse.Namespace:
-    """Re-parse a ``compress`` command line with its ``--config`` YAML as defaults (the command line wins)."""
-    parser = compress_parser()
-    layered = checked_settings(parser, read_yaml(args.config), f"config '{args.config}'")
-    if any(getattr(args, key) is not None for key in TARGET_KEYS):
-        layered = {key: value for key, value in layered.items() if key not in TARGET_KEYS}
-    parser.set_defaults(**layered)
-    reparsed = parser.parse_args(argv[argv.index("compress") + 1:])
-    for key in ("command", "handler", "debug", "data_dir"):
-        setattr(reparsed, key, getattr(args, key))
-    return reparsed
-
-
-def compress(model: str, out: str | Path, config: str | Path | None = None, overwrite: bool = False, **options: Any) -> dict:
-    """Run (or resume) the whole pipeline on ``model`` into ``out``; return the summary.
-
-    Settings: the ``foldgpt compress`` options as keywords (``group_size=2``, ``heal_steps=200``, ``remove=8``, ...),
-    over a YAML ``config``, over the defaults. ``overwrite`` starts from scratch instead of resuming.
-    """
-    return run_pipeline(resolve_settings(model, config, **options), out, overwrite)
+@dataclass(frozen=True)
+class HealSettings:
+    loading: ModelConfig = section(ModelConfig, title=MODEL, exclude=("model",),
+                                   help="how student and teacher are loaded (see --bf16 for mixed precision)")
+    heal: HealConfig = section(HealConfig, title="healing", help="the healing")

@@ -33,10 +33,10 @@ from foldgpt.core.manifest import hub_origin
 from foldgpt.errors import FoldGPTError
 from foldgpt.formats.aliases import ALIASES
 from foldgpt.formats.compact import attach_adapter, is_compact_folder, load_compact
+from foldgpt.formats.config import DEFAULT_MODEL
 from foldgpt.formats.hub import download_model, parse_hub_id
 from foldgpt.surgery.sublayers import drop_removed_sublayers
 
-DEFAULT_MODEL = "smollm2-135m"
 # what reading a damaged config, safetensors or GGUF file raises (GGUF parsing fails with struct/index errors)
 READ_ERRORS = (OSError, ValueError, KeyError, RuntimeError, SafetensorError, struct.error, EOFError, IndexError)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Literal, get_args
 
+from foldgpt.core.settings import setting
 from foldgpt.errors import FoldGPTError
 
 LOSS_TERMS = ("kl", "tail", "lm")
 
-
-SCHEDULES = ("constant", "linear", "cosine")
+Schedule = Literal["constant", "linear", "cosine"]
+SCHEDULES = get_args(Schedule)
 
 
 # fields that change how a run is driven or recorded, not its result: a checkpoint may be resumed with other values
@@ -27,7 +29,8 @@ class HealConfig:
     clipped to ``max_grad_norm`` (0: off). LoRA: rank ``lora_rank``, scale ``lora_alpha / lora_rank``, on the linear
     layers named in ``target_modules`` of every block (None: every projection, the family adapter's ``lora_targets``).
     ``eval_every`` steps (and before and after training) the held-out windows are scored. ``teacher_cache`` is a
-    folder for the teacher's outputs (logits stored as float16).
+    folder for the teacher's outputs (logits stored as float16). ``steps=0`` heals nothing: ``compress`` skips its
+    healing stage, and ``foldgpt heal`` refuses it.
 
     ``world_size`` is the number of data-parallel processes (``accelerate launch`` / ``torchrun``); ``heal`` sets it
     from the launcher, so leave it at 1. A step then sees ``micro_batch * grad_accum * world_size`` windows (the
@@ -42,39 +45,49 @@ class HealConfig:
     1,024 tokens, the same 25,600 tokens as the former 100 x 256 (``benchmarks/results/healing_seqlen1024*.json``).
     """
 
-    data: str = "alpaca"
-    steps: int = 25
-    tokens: int | None = None
-    seqlen: int = 1024
-    micro_batch: int = 1
-    grad_accum: int = 1
-    lr: float = 5e-3
-    schedule: str = "cosine"
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    target_modules: tuple[str, ...] | None = None
-    train_norms: bool = True
-    kl_weight: float = 1.0
-    temperature: float = 1.0
-    tail_weight: float = 1.0
-    tail_layers: int = 3
-    lm_weight: float = 1.0
-    eval_every: int = 0
-    eval_windows: int = 4
-    seed: int = 0
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    teacher_cache: str | None = None
-    checkpoint_every: int = 10
-    world_size: int = 1
+    data: str = setting("alpaca", metavar="DATA", help="alpaca (5000 records in the Stanford Alpaca template), wikitext2, "
+                        "ptb (their validation splits), or a .txt/.jsonl/.json file")
+    steps: int = setting(25, exclusive="budget", help="optimiser steps (compress: 0 skips healing)")
+    tokens: int | None = setting(None, metavar="N", exclusive="budget", none_means="{steps} decides",
+                                 help="train on N tokens instead (rounded up to whole steps)")
+    seqlen: int = setting(1024, help="tokens per training window")
+    micro_batch: int = setting(1, help="windows per forward pass")
+    grad_accum: int = setting(1, help="micro-batches per optimiser step")
+    lr: float = setting(5e-3, help="peak AdamW learning rate")
+    schedule: Schedule = setting("cosine", help="learning-rate decay after warm-up")
+    warmup_steps: int = setting(0, help="linear warm-up steps")
+    max_grad_norm: float = setting(1.0, help="gradient clipping, 0 = off")
+    lora_rank: int = setting(8, help="LoRA rank r (one adapter per block position; base weights frozen)")
+    lora_alpha: float = setting(16.0, help="LoRA alpha; the delta is scaled by alpha/r")
+    lora_dropout: float = setting(0.0, help="dropout on the LoRA input; the model's own dropout stays off while healing")
+    target_modules: tuple[str, ...] | None = setting(None, flag="lora-targets", metavar="NAMES",
+                                                     none_means="every projection of the family's blocks",
+                                                     help="comma-separated linear layers of each block to adapt, e.g. "
+                                                     "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj for Llama")
+    train_norms: bool = setting(True, help="train the per-block norms too (off: LoRA only)")
+    kl_weight: float = setting(1.0, help="weight of KL(teacher || student, T) on logits, 0 = off")
+    temperature: float = setting(1.0, help="KL temperature T")
+    tail_weight: float = setting(1.0, help="weight of the tail-layer loss (relative MSE of the last k block outputs), 0 = off")
+    tail_layers: int = setting(3, help="k, the number of last blocks the tail loss compares")
+    lm_weight: float = setting(1.0, help="weight of the next-token loss on the data, 0 = off")
+    eval_every: int = setting(0, metavar="N", help="score the held-out windows every N steps (always before and after; "
+                              "0 = only then)")
+    eval_windows: int = setting(4, help="held-out windows, never trained on")
+    seed: int = setting(0, help="seed for the window order and LoRA initialisation")
+    bf16: bool = setting(False, help="bfloat16 autocast for student and teacher forward passes (CPU or GPU)")
+    gradient_checkpointing: bool = setting(False, help="recompute block activations in backward to save memory")
+    teacher_cache: str | None = setting(None, metavar="DIR", none_means="computed on the fly",
+                                        help="cache the teacher's outputs in DIR (float16 logits, one file per window) and "
+                                        "reuse them in later runs on the same data")
+    checkpoint_every: int = setting(10, metavar="N", help="write a checkpoint every N steps, 0 = only on Ctrl-C / SIGTERM")
+    world_size: int = setting(1, internal=True, help="data-parallel processes; heal sets it from the launcher")
 
     def __post_init__(self) -> None:
         if self.target_modules is not None:
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
-        for name in ("steps", "seqlen", "micro_batch", "grad_accum", "lora_rank", "tail_layers", "world_size"):
+        if self.steps < 0:
+            raise FoldGPTError(f"healing needs steps >= 0 (0: none, compress skips the stage), got {self.steps}")
+        for name in ("seqlen", "micro_batch", "grad_accum", "lora_rank", "tail_layers", "world_size"):
             if getattr(self, name) < 1:
                 raise FoldGPTError(f"healing needs {name} >= 1, got {getattr(self, name)}")
         if self.seqlen < 2:

@@ -1,24 +1,50 @@
-"""Settings of the selection methods that have any: FoldGPT's gates, and the screen / healing probes of their near-ties."""
+"""Settings of block selection: the method, FoldGPT's gates, and the screen / healing probes of their near-ties."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Literal, get_args
 
+from foldgpt.core.settings import setting
 from foldgpt.data.config import CalibrationConfig
 from foldgpt.errors import FoldGPTError
 
-LOSSES = ("kl", "lm")
+Method = Literal["gates", "bi", "angular", "sleb", "last", "random"]
+METHOD_NAMES = get_args(Method)
+"""The selection methods (``foldgpt.selection.registry.METHODS`` holds their code under these names)."""
+
+GateLoss = Literal["kl", "lm"]
+LOSSES = get_args(GateLoss)
+
+Center = Literal["mean", "target"]
+CENTERS = get_args(Center)
+
+Optimizer = Literal["adam", "sgd"]
+OPTIMIZERS = get_args(Optimizer)
+
+Granularity = Literal["block", "sublayer"]
+GRANULARITIES = get_args(Granularity)
 
 
-CENTERS = ("mean", "target")
+@dataclass(frozen=True)
+class SelectionConfig:
+    """Which blocks go: chosen by a method (how many: ``RemovalTarget``), or given."""
 
+    method: Method | None = setting(None, none_means="required unless {blocks} is given",
+                                    help="gates: FoldGPT learned gates (see the gate options); bi: ShortGPT Block Influence; "
+                                    "angular: best contiguous span (Gromov et al.); sleb: greedy by calibration perplexity "
+                                    "(SLEB); last: the last N before the final block; random: seeded control")
+    granularity: Granularity = setting("block", help="block: one gate per block; sublayer: --method gates only, one gate on "
+                                       "the attention and one on the MLP of each block, so an attention or an MLP can go alone "
+                                       "(a block whose two both go is removed); --remove N then counts sub-layers, "
+                                       "--target-params/--target-flops remove the fewest sub-layers by ascending gate that "
+                                       "meet the budget")
+    blocks: str | None = setting(None, metavar="SPEC", help="instead of {method} and a target: remove exactly these blocks, "
+                                 "e.g. '4,5,14,26' or '13-18' (to reproduce a set another tool or paper reports)")
 
-OPTIMIZERS = ("adam", "sgd")
-
-
-GRANULARITIES = ("block", "sublayer")
+    def __post_init__(self) -> None:
+        if self.blocks is not None and self.method is not None:
+            raise FoldGPTError("--blocks names the blocks to remove: give it without --method and a target")
 
 
 @dataclass(frozen=True)
@@ -68,37 +94,39 @@ class GateConfig:
     polarizing, and the blocks removed healed worse than the plain gates' (docs/results/heal-aware-gates.md).
     """
 
-    steps: int = 80
-    lr: float = 0.05
-    lam: float = 0.5
-    t: float = 1.0
-    micro_batch: int = 1
-    grad_accum: int = 1
-    loss: str = "kl"
-    gradient_checkpointing: bool = False
-    temperature: float = 1.0
-    max_gate: float = 1.0
-    lam_growth: float = 0.1
-    lam_damping: float = 1.0
-    polarization_center: str = "mean"
-    closed_below: float = 0.5
-    optimizer: str = "adam"
-    hard_steps: int = 0
-    restarts: int = 3
-    lora_rank: int = 0
-    lora_lr: float = 5e-3
-
-    @classmethod
-    def from_settings(cls, settings: Mapping[str, Any]) -> GateConfig:
-        """The config named by CLI / ``compress`` settings: ``--gate-steps`` is ``settings["gate_steps"]``, and so on."""
-        return cls(steps=settings["gate_steps"], lr=settings["gate_lr"], lam=settings["gate_lambda"],
-                   lam_growth=settings["gate_lambda_growth"], lam_damping=settings["gate_lambda_damping"],
-                   polarization_center=settings["gate_center"], t=settings["gate_t"], loss=settings["gate_loss"],
-                   micro_batch=settings["gate_micro_batch"], grad_accum=settings["gate_grad_accum"],
-                   optimizer=settings["gate_optimizer"], hard_steps=settings["gate_hard_steps"],
-                   restarts=settings["gate_restarts"], lora_rank=settings["gate_lora_rank"],
-                   lora_lr=settings["gate_lora_lr"],
-                   gradient_checkpointing=settings["gradient_checkpointing"])
+    steps: int = setting(80, help="optimiser steps")
+    lr: float = setting(0.05, help="learning rate of the gates")
+    lam: float = setting(0.5, flag="lambda", help="weight of the FLOPs-weighted polarization regulariser (where budget "
+                         "control starts it)")
+    t: float = setting(1.0, help="the regulariser's pull towards 0, t")
+    micro_batch: int = setting(1, help="calibration windows per forward pass")
+    grad_accum: int = setting(1, help="micro-batches per optimiser step")
+    loss: GateLoss = setting("kl", help="kl: KL(dense model || gated model) on logits; lm: next-token loss")
+    gradient_checkpointing: bool = setting(False, flag="--gradient-checkpointing",
+                                           help="recompute block activations in backward to save memory (gate training)")
+    temperature: float = setting(1.0, help="temperature of the KL loss")
+    max_gate: float = setting(1.0, help="the gates are clamped to [0, this] after each step")
+    lam_growth: float = setting(0.1, flag="lambda-growth",
+                                help="budget control: grow (shrink) lambda by this factor after each step with too few (many) "
+                                "closed gates, so that the target number of blocks switches off (0 = off)")
+    lam_damping: float = setting(1.0, flag="lambda-damping",
+                                 help="budget control: multiply the growth by this each time the controller turns back (it "
+                                 "overshot), so lambda settles instead of swinging (1 = constant growth)")
+    polarization_center: Center = setting("mean", flag="center",
+                                          help="split point of the polarization regulariser: mean (Zhuang et al.: every gate "
+                                          "below the mean is pushed to 0) or target (only the gates the removal target would "
+                                          "take now are pushed)")
+    closed_below: float = setting(0.5, help="a gate below this counts as closed for budget control")
+    optimizer: Optimizer = setting("adam", help="adam, or sgd with momentum 0.9, whose steps scale with the gradient (give "
+                                   "it a larger {lr}, e.g. 0.15)")
+    hard_steps: int = setting(0, help="the last N of the {steps} run the model with the blocks the target would remove now "
+                              "really removed (a 0/1 mask, straight-through gradient to the gates), lambda held (0 = off)")
+    restarts: int = setting(3, help="train the gates this many times (seeds SEED, SEED+1, ...: other window orders) and "
+                            "remove by their average over the last quarter of every run; costs that many times the training")
+    lora_rank: int = setting(0, help="heal-aware gates: LoRA adapters of this rank on every projection train with the gates "
+                             "(the teacher runs without them) and are discarded after, so blocks the others can learn to "
+                             "make up for close (0 = off)")
+    lora_lr: float = setting(5e-3, help="learning rate of those adapters")
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -137,36 +165,36 @@ class ProbeConfig:
     25 steps scored on 32,768 tokens order the 4-block sets as the full heal does on the test split and keep the
     6-block pick. The screen stays on the first 8,192 tokens (24 forward passes of 32k would cost more than the probes).
 
+    The probes score on the calibration text's held-out split (``eval_data``, set to ``--calibration``), and in
+    ``compress`` they heal as the heal that follows will (its data, window length and seed), so that they measure
+    it; those fields are set by the code, not by the user.
+
     ``baselines``: the sets these methods choose on the same calibration windows join the gates' near-ties among the
     screened candidates, so the screen can only remove the gates' set where it really scores lower than the
     baselines' on held-out text (on Gemma-3-270M every near-tie of the gates held the last blocks, whose joint removal
     is ruinous: docs/results/gate-selection.md). The held-out text never overlaps a calibration window.
     """
 
-    sets: int = 0
-    screen: int = 24
-    pool: int = 3
-    steps: int = 25
-    seqlen: int = 1024
-    data: str = "alpaca"
-    eval_data: str = "wikitext2"
-    eval_tokens: int = 32768
-    screen_tokens: int = 8192
-    seed: int = 0
-    baselines: tuple[str, ...] = ("bi", "angular")
-
-    @classmethod
-    def from_settings(cls, settings: Mapping[str, Any]) -> ProbeConfig:
-        """The config of CLI / ``compress`` settings: ``--gate-probe-sets`` is ``settings["gate_probe_sets"]``, ...
-
-        The probes score on the calibration text's held-out split (``--calibration``), and where the settings say how
-        the model will be healed (``compress``: ``--heal-data``, ``--heal-seqlen``, ``--heal-seed``) they heal the
-        same way, so that they measure the heal that follows.
-        """
-        return cls(sets=settings["gate_probe_sets"], screen=settings["gate_probe_screen"], steps=settings["gate_probe_steps"],
-                   pool=settings["gate_probe_pool"], eval_tokens=settings["gate_probe_tokens"],
-                   eval_data=settings.get("calibration") or cls.eval_data, data=settings.get("heal_data") or cls.data,
-                   seqlen=settings.get("heal_seqlen") or cls.seqlen, seed=settings.get("heal_seed", cls.seed))
+    sets: int = setting(0, help="healing probes: heal the K best-screened sets near the gates' pick for {steps} steps "
+                        "each and remove the one that heals best (perplexity on held-out calibration text); costs K heals; "
+                        "0 = no heals: remove the best-screened set (compress heals no probes with --heal-steps 0)")
+    screen: int = setting(24, help="screen this many sets nearest the gates' pick by held-out perplexity (the calibration "
+                          "text's held-out split) without healing; the probes heal the best of them, or with {sets} 0 the "
+                          "best is removed (0 and 0: the gates' own pick)")
+    pool: int = setting(3, help="the candidates draw from the N + this many lowest gates, N = blocks to remove")
+    steps: int = setting(25, help="healing steps per probe (the default heal's whole budget)")
+    seqlen: int = setting(1024, internal=True, help="tokens per probe healing window (compress: the heal's)")
+    data: str = setting("alpaca", internal=True, help="the probes' healing data (compress: the heal's)")
+    eval_data: str = setting("wikitext2", internal=True, help="the text whose held-out split the sets are scored on "
+                             "(the calibration's)")
+    eval_tokens: int = setting(32768, flag="tokens", help="held-out tokens each probe is scored on after its heal; the "
+                               "screen uses the first 8192")
+    screen_tokens: int = setting(8192, internal=True, help="held-out tokens the screen scores each set on")
+    seed: int = setting(0, internal=True, help="seed of the probes' heals (compress: the heal's)")
+    baselines: tuple[str, ...] = setting(("bi", "angular"), metavar="METHODS",
+                                         help="the sets these methods choose on the same calibration windows are screened "
+                                         "beside the gates' near-ties (bi, angular, sleb; sleb costs N x blocks calibration "
+                                         "passes); the held-out text skips every calibration window")
 
     def __post_init__(self) -> None:
         for name in ("sets", "screen", "pool"):

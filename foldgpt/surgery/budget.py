@@ -20,29 +20,15 @@ smallest gates are removed until the removed cost reaches the target, so the few
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 from torch import nn
 from transformers import PreTrainedModel
 
 from foldgpt.arch.adapters import LINEAR_TYPES, adapter_for
 from foldgpt.errors import FoldGPTError
+from foldgpt.surgery.config import RemovalTarget  # declared there, torch-free; used here and re-exported
 from foldgpt.surgery.removal import blocks_to_remove_count, count_parameters
 from foldgpt.surgery.sublayers import BRANCHES, ZeroBranch
-
-
-@dataclass(frozen=True)
-class RemovalTarget:
-    """Exactly one of the four ways to say how much to remove."""
-
-    remove: int | None = None
-    remove_ratio: float | None = None
-    target_params: float | None = None
-    target_flops: float | None = None
-    flops_context: int = 2048
-
-    def given(self) -> list[str]:
-        return [name for name in ("remove", "remove_ratio", "target_params", "target_flops") if getattr(self, name) is not None]
 
 
 def attention_score_flops(model: PreTrainedModel, context: int) -> int:

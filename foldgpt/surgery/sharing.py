@@ -19,9 +19,10 @@ from transformers import PreTrainedModel
 from foldgpt.arch.adapters import LINEAR_TYPES, adapter_for
 from foldgpt.core.ranges import parse_ranges
 from foldgpt.errors import FoldGPTError
+from foldgpt.surgery.config import PARENTS
 
 SHARING_KEY = "foldgpt_sharing"
-PARENT_RULES = ("first", "middle", "largest-gate")
+PARENT_RULES = PARENTS
 
 
 @dataclass(frozen=True)
