@@ -15,7 +15,6 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
 
 import gguf
 import numpy as np
@@ -27,11 +26,9 @@ from foldgpt._version import __version__
 from foldgpt.core.manifest import file_sha256, model_identity
 from foldgpt.core.outputs import check_output_free, read_metadata, write_json_atomic
 from foldgpt.errors import FoldGPTError
+from foldgpt.formats.config import GGUF_TYPES, GgufType
 from foldgpt.formats.loading import LoadedModel
 from foldgpt.formats.plain import merged_model
-
-GgufType = Literal["f32", "f16", "bf16", "q8_0"]
-GGUF_TYPES: tuple[str, ...] = get_args(GgufType)
 
 QUANT_TYPES = {
     "f32": gguf.GGMLQuantizationType.F32,
