@@ -27,14 +27,15 @@ BPE_VOCAB = 300
 TEXT = "the quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs."
 SLIDING_GEMMA2 = ["sliding_attention", "full_attention"] * (DEPTH // 2)  # llama.cpp's fixed gemma2 pattern
 SLIDING_GEMMA3 = ["sliding_attention"] * 5 + ["full_attention"]  # llama.cpp's fixed gemma3 pattern (DEPTH == 6)
-# transformers' qwen2/qwen3 readers take no head_dim nor sliding window from the file: the defaults must hold
+# transformers' qwen2/qwen3 readers take no head_dim nor sliding window from the file, its gemma readers no query
+# scale (llama.cpp uses 1/sqrt(head_dim)): the tiny models keep the defaults those readers assume
 OVERRIDES = {
     "llama": {},
     "mistral": {},
     "qwen2": {"use_sliding_window": False, "layer_types": ["full_attention"] * DEPTH},
     "qwen3": {"head_dim": 128},
-    "gemma2": {"layer_types": SLIDING_GEMMA2, "tie_word_embeddings": True},
-    "gemma3": {"layer_types": SLIDING_GEMMA3},
+    "gemma2": {"layer_types": SLIDING_GEMMA2, "tie_word_embeddings": True, "head_dim": 256},
+    "gemma3": {"layer_types": SLIDING_GEMMA3, "head_dim": 256},
 }
 
 
@@ -126,14 +127,18 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
     tiny_tokenizer().save_pretrained(char_level)
     llama = save_family(tmp_path / "llama", "llama")
     gemma = tmp_path / "gemma2"
-    tiny_model("gemma2", vocab_size=BPE_VOCAB, tie_word_embeddings=True).save_pretrained(gemma)  # pattern s,s,f
+    tiny_model("gemma2", vocab_size=BPE_VOCAB, tie_word_embeddings=True, head_dim=256).save_pretrained(gemma)  # s,s,f
     bpe_tokenizer().save_pretrained(gemma)
+    query_scale = tmp_path / "gemma3"
+    tiny_model("gemma3", vocab_size=BPE_VOCAB, layer_types=SLIDING_GEMMA3).save_pretrained(query_scale)  # 256 vs 8
+    bpe_tokenizer().save_pretrained(query_scale)
     out = tmp_path / "x.gguf"
     for argv, phrase in (
         (["export", str(opt), "--gguf", str(out)], "not 'opt'"),
-        (["export", str(char_level), "--gguf", str(out)], "byte-level BPE"),
+        (["export", str(char_level), "--gguf", str(out)], "writes BPE tokenizers"),
         (["export", str(llama), "--gguf", str(out), "--type", "q4_0"], "invalid choice"),
         (["export", str(gemma), "--gguf", str(out)], "sliding-window blocks"),
+        (["export", str(query_scale), "--gguf", str(out)], "scales queries"),
         (["export", str(llama)], "needs an output"),
     ):
         capsys.readouterr()

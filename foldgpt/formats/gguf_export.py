@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -127,6 +128,20 @@ def check_attention_pattern(config: PretrainedConfig, family: GgufFamily) -> Non
                            "the pattern, or use the folder with transformers")
 
 
+def check_gemma_constants(config: PretrainedConfig, family: GgufFamily) -> None:
+    """llama.cpp hardcodes what Gemma's configs may vary: the sliding layers' RoPE base (10000) and the query scale
+    1/sqrt(head_dim) (but for the 27B models it recognises by their block count, which removal changes)."""
+    if family.swa_period is None:
+        return
+    local = (getattr(config, "rope_parameters", None) or {}).get("sliding_attention", {}).get("rope_theta", 10000.0)
+    if float(local) != 10000.0:
+        raise FoldGPTError(f"{config.model_type}: llama.cpp fixes the sliding blocks' RoPE base at 10000, this model "
+                           f"uses {local}; it cannot be exported to GGUF")
+    if getattr(config, "query_pre_attn_scalar", head_dim(config)) != head_dim(config):
+        raise FoldGPTError(f"{config.model_type}: llama.cpp scales queries by 1/sqrt(head_dim) for pruned models, this "
+                           f"one by 1/sqrt({config.query_pre_attn_scalar}); it cannot be exported to GGUF")
+
+
 def permute_rows(weights: np.ndarray, heads: int) -> np.ndarray:
     """convert_hf_to_gguf's ``LlamaModel.permute``: HF's half-split rotary layout to llama.cpp's interleaved pairs."""
     return (weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:])
@@ -213,29 +228,76 @@ def bpe_pre_tokenizer(tokenizer_json: dict) -> str:
     return "default"
 
 
+BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def sentencepiece_vocab(tokenizer_json: dict) -> tuple[list[bytes], list[float], list[gguf.TokenType]]:
+    """A byte-fallback BPE tokenizer (Gemma's, Llama 2's, as Hugging Face converts sentencepiece) as llama.cpp's
+    "llama" tokenizer model: each merged token scores minus its merge rank, so llama.cpp's best-score-first pairing
+    replays the BPE merges in order."""
+    model = tokenizer_json["model"]
+    added = {item["id"]: item for item in tokenizer_json.get("added_tokens", [])}
+    by_id = {index: text for text, index in model["vocab"].items()} | {index: item["content"] for index, item in added.items()}
+    vocab = {text: index for index, text in by_id.items()}
+    scores = dict.fromkeys(by_id, 0.0)
+    for rank, merge in enumerate(model.get("merges", [])):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        index = vocab.get(left + right)
+        if index is not None and scores[index] == 0.0:
+            scores[index] = -float(rank + 1)
+    tokens, values, types = [], [], []
+    for index in range(max(by_id) + 1):
+        text = by_id.get(index, f"[PAD{index}]")
+        if index not in by_id:
+            kind = gguf.TokenType.UNUSED
+        elif index in added:
+            kind = gguf.TokenType.CONTROL if added[index].get("special") else gguf.TokenType.USER_DEFINED
+        else:
+            kind = gguf.TokenType.BYTE if BYTE_TOKEN.fullmatch(text) else gguf.TokenType.NORMAL
+        tokens.append(text.encode("utf-8"))
+        values.append(scores.get(index, 0.0))
+        types.append(kind)
+    return tokens, values, types
+
+
 def add_tokenizer(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> None:
-    """Vocabulary, merges, special tokens and chat template; llama.cpp holds byte-level BPE tokenizers (SmolLM2, Qwen,
-    Llama 3) this way. A tokenizer of another kind is refused rather than written wrongly."""
+    """Vocabulary, merges, special tokens and chat template: byte-level BPE tokenizers (SmolLM2, Qwen, Llama 3) as
+    llama.cpp's "gpt2" model, byte-fallback ones (Gemma) as its "llama" model; another kind is refused rather than
+    written wrongly."""
     with tempfile.TemporaryDirectory(prefix="foldgpt-gguf-tok-") as folder:
         tokenizer.save_pretrained(folder)
         path = Path(folder)
-        try:
-            vocab = gguf.vocab.BpeVocab(path)
-        except (FileNotFoundError, ValueError, KeyError) as error:
-            raise FoldGPTError("GGUF export writes byte-level BPE tokenizers (SmolLM2, Qwen, Llama 3) only, and this "
-                               f"model's is not one ({error}); export it with 'foldgpt export --plain'") from error
-        tokens, types = [], []
-        for text, _score, kind in vocab.all_tokens():
-            tokens.append(text)
-            types.append(kind)
+        file = path / "tokenizer.json"
+        tokenizer_json = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+        model = tokenizer_json.get("model", {})
+        scores: list[float] | None = None
+        if model.get("type") == "BPE" and model.get("byte_fallback"):
+            tokens, scores, types = sentencepiece_vocab(tokenizer_json)
+            kind, pre = "llama", "default"
+        else:
+            try:
+                vocab = gguf.vocab.BpeVocab(path)
+            except (FileNotFoundError, ValueError, KeyError) as error:
+                raise FoldGPTError("GGUF export writes BPE tokenizers (byte-level: SmolLM2, Qwen, Llama 3; byte-fallback: "
+                                   f"Gemma) only, and this model's is not one ({error}); export it with 'foldgpt export "
+                                   "--plain'") from error
+            tokens, types = [], []
+            for text, _score, token_type in vocab.all_tokens():
+                tokens.append(text)
+                types.append(token_type)
+            kind, pre = vocab.tokenizer_model, bpe_pre_tokenizer(tokenizer_json)
         if len(tokens) > vocab_size:
             raise FoldGPTError(f"the tokenizer has {len(tokens)} tokens but the model only {vocab_size} embeddings")
         for index in range(len(tokens), vocab_size):  # embedding rows past the vocabulary, as the converter pads them
             tokens.append(f"[PAD{index}]".encode())
             types.append(gguf.TokenType.UNUSED)
-        writer.add_tokenizer_model(vocab.tokenizer_model)
-        writer.add_tokenizer_pre(bpe_pre_tokenizer(json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))))
+            if scores is not None:
+                scores.append(0.0)
+        writer.add_tokenizer_model(kind)
+        writer.add_tokenizer_pre(pre)
         writer.add_token_list(tokens)
+        if scores is not None:
+            writer.add_token_scores(scores)
         writer.add_token_types(types)
         gguf.SpecialVocab(path, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
 
@@ -292,6 +354,7 @@ def export_gguf(loaded: LoadedModel, out: str | Path, kind: str = "f16", overwri
     check_output_free(out, overwrite)
     family = gguf_family(loaded.model.config)  # refuse before merging anything
     check_attention_pattern(loaded.model.config, family)
+    check_gemma_constants(loaded.model.config, family)
     rope_theta(loaded.model.config)
     model = merged_model(loaded, "GGUF export")
     check_tensor_names(model, family)
