@@ -21,6 +21,7 @@ from foldgpt.errors import FoldGPTError
 from foldgpt.eval.perplexity import windows_perplexity
 from foldgpt.formats.gguf_export import METADATA_KEY, export_gguf
 from foldgpt.formats.loading import load_model
+from foldgpt.workflows.compress import compress
 from tiny import DEPTH, random_ids, tiny_model, tiny_tokenizer
 
 BPE_VOCAB = 300
@@ -196,3 +197,29 @@ def test_smollm2_with_six_blocks_removed_reads_back(tmp_path):
         half = windows_perplexity(read_back(tmp_path / "p", export_gguf(reference_model, tmp_path / "h.gguf", "f16")),
                                   windows, progress=False)
     assert abs(half / dense - 1) < 0.01, (dense, half)
+
+
+def test_compress_exports_the_healed_model_as_its_last_stage_and_refuses_early(tmp_path, capsys):
+    text_file = tmp_path / "text.txt"
+    text_file.write_text(TEXT * 40)
+    folder = save_family(tmp_path / "llama", "llama")
+    out = tmp_path / "run"
+    compress(str(folder), out, method="gates", remove=2, gate_steps=3, calibration=str(text_file), nsamples=2, seqlen=32,
+             group_size=2, heal_steps=2, heal_data=str(text_file), heal_seqlen=32, heal_eval_windows=1,
+             ppl=[str(text_file)], eval_seqlen=64, max_tokens=256, tasks=None, efficiency=False, gate_probe_sets=0,
+             gguf="f32")
+    summary = json.loads((out / "summary.json").read_text())
+    path = Path(summary["gguf"])
+    assert path == out / "gguf" / "model.gguf" and not summary["stages"]["gguf"]["skipped"]
+    reference = logits_of(load_model(summary["final_model"]).model, ids())
+    assert torch.allclose(logits_of(read_back(out / "pruned", path), ids()), reference, atol=1e-4)
+    assert main(["verify", str(out / "gguf")]) == 0
+
+    char_level = tmp_path / "chars"
+    tiny_model("llama").save_pretrained(char_level)
+    tiny_tokenizer().save_pretrained(char_level)
+    capsys.readouterr()
+    assert main(["compress", str(char_level), "--out", str(tmp_path / "refused"), "--gguf", "f16"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "writes BPE tokenizers" in err
+    assert not (tmp_path / "refused" / "dense").exists()

@@ -81,6 +81,14 @@ def gguf_family(config: PretrainedConfig) -> GgufFamily:
     return family
 
 
+def check_model_family(config: PretrainedConfig) -> GgufFamily:
+    """What can be refused from the dense model's config alone (``compress --gguf`` checks it before any stage)."""
+    family = gguf_family(config)
+    rope_theta(config)
+    check_gemma_constants(config, family)
+    return family
+
+
 def check_gguf_type(kind: str) -> GgufType:
     if kind not in GGUF_TYPES:
         raise FoldGPTError(f"unknown GGUF type '{kind}'; choose one of {', '.join(GGUF_TYPES)} (4-bit types are not "
@@ -260,6 +268,25 @@ def sentencepiece_vocab(tokenizer_json: dict) -> tuple[list[bytes], list[float],
     return tokens, values, types
 
 
+def tokenizer_model(tokenizer_json: dict) -> str:
+    """llama.cpp's tokenizer model for a ``tokenizer.json``: "gpt2" (byte-level BPE: SmolLM2, Qwen, Llama 3) or "llama"
+    (byte-fallback BPE, sentencepiece converted: Gemma); any other kind is refused rather than written wrongly."""
+    model = tokenizer_json.get("model", {})
+    if model.get("type") == "BPE" and model.get("byte_fallback"):
+        return "llama"
+    if model.get("type") == "BPE" and (tokenizer_json.get("decoder") or {}).get("type") == "ByteLevel":
+        return "gpt2"
+    raise FoldGPTError(f"GGUF export writes BPE tokenizers (byte-level: SmolLM2, Qwen, Llama 3; byte-fallback: Gemma) "
+                       f"only, and this model's is a {model.get('type', 'slow, tokenizer.json-less')} one; export it with "
+                       "'foldgpt export --plain'")
+
+
+def check_tokenizer_file(folder: Path) -> None:
+    """``tokenizer_model`` of a model folder's ``tokenizer.json`` (checked before a pipeline spends hours)."""
+    file = Path(folder) / "tokenizer.json"
+    tokenizer_model(json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {})
+
+
 def add_tokenizer(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> None:
     """Vocabulary, merges, special tokens and chat template: byte-level BPE tokenizers (SmolLM2, Qwen, Llama 3) as
     llama.cpp's "gpt2" model, byte-fallback ones (Gemma) as its "llama" model; another kind is refused rather than
@@ -269,23 +296,18 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase, v
         path = Path(folder)
         file = path / "tokenizer.json"
         tokenizer_json = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
-        model = tokenizer_json.get("model", {})
+        kind = tokenizer_model(tokenizer_json)
         scores: list[float] | None = None
-        if model.get("type") == "BPE" and model.get("byte_fallback"):
+        if kind == "llama":
             tokens, scores, types = sentencepiece_vocab(tokenizer_json)
-            kind, pre = "llama", "default"
+            pre = "default"
         else:
-            try:
-                vocab = gguf.vocab.BpeVocab(path)
-            except (FileNotFoundError, ValueError, KeyError) as error:
-                raise FoldGPTError("GGUF export writes BPE tokenizers (byte-level: SmolLM2, Qwen, Llama 3; byte-fallback: "
-                                   f"Gemma) only, and this model's is not one ({error}); export it with 'foldgpt export "
-                                   "--plain'") from error
+            vocab = gguf.vocab.BpeVocab(path)
             tokens, types = [], []
             for text, _score, token_type in vocab.all_tokens():
                 tokens.append(text)
                 types.append(token_type)
-            kind, pre = vocab.tokenizer_model, bpe_pre_tokenizer(tokenizer_json)
+            pre = bpe_pre_tokenizer(tokenizer_json)
         if len(tokens) > vocab_size:
             raise FoldGPTError(f"the tokenizer has {len(tokens)} tokens but the model only {vocab_size} embeddings")
         for index in range(len(tokens), vocab_size):  # embedding rows past the vocabulary, as the converter pads them
@@ -352,10 +374,8 @@ def export_gguf(loaded: LoadedModel, out: str | Path, kind: str = "f16", overwri
     out = Path(out)
     kind = check_gguf_type(kind)
     check_output_free(out, overwrite)
-    family = gguf_family(loaded.model.config)  # refuse before merging anything
+    family = check_model_family(loaded.model.config)  # refuse before merging anything
     check_attention_pattern(loaded.model.config, family)
-    check_gemma_constants(loaded.model.config, family)
-    rope_theta(loaded.model.config)
     model = merged_model(loaded, "GGUF export")
     check_tensor_names(model, family)
     metadata = gguf_metadata(loaded, model, kind)
