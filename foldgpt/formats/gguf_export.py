@@ -9,6 +9,7 @@ transformers' GGUF reader undoes, so ``from_pretrained(dir, gguf_file=...)`` giv
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -389,6 +390,11 @@ def export_gguf(loaded: LoadedModel, out: str | Path, kind: str = "f16", overwri
         manifest = {**metadata, "file": out.name, "bytes": tmp.stat().st_size, "sha256": file_sha256(tmp),
                     "tensor_types": counts, "input": model_identity(loaded.source, loaded.hub)}
         os.replace(tmp, out)
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise FoldGPTError(f"no space left on the device while writing '{out}'; nothing was kept: free some space or "
+                               "choose another path") from error
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     write_json_atomic(sidecar_path(out), manifest)
