@@ -37,10 +37,12 @@ DESCRIPTIONS = {
              "the children use the parent's linear weights (the same tensors) and keep their own norms. Saves a compact "
              "folder (each shared tensor stored once, group map in config.json) that every foldgpt command loads as "
              "MODEL; 'foldgpt export --plain' turns it into a vanilla Hugging Face folder."),
-    "export": ("turn a compact (folded or healed) folder into a vanilla Hugging Face folder",
-               "Copy every shared weight to each position (and merge a healed LoRA adapter per position) and save a "
-               "folder that AutoModelForCausalLM.from_pretrained loads without trust_remote_code, giving the same logits "
-               "as the compact model."),
+    "export": ("turn a compact (folded or healed) folder into a vanilla Hugging Face folder, or any model into GGUF",
+               "Copy every shared weight to each position (and merge a healed LoRA adapter per position) and save, with "
+               "--plain, a folder that AutoModelForCausalLM.from_pretrained loads without trust_remote_code, giving the "
+               "same logits as the compact model; with --gguf, a GGUF file that llama.cpp runs (llama, mistral, qwen2, "
+               "qwen3, gemma2, gemma3; the block count and per-block settings of the kept blocks, the tokenizer and chat "
+               "template), with OUT.gguf.json beside it."),
     "heal": ("LoRA distillation healing of a pruned or folded model from the dense teacher",
              "Train one LoRA adapter per block position and the per-block norms (base weights frozen, shared tensors "
              "stay shared) to match the teacher: logit KL, tail-layer MSE over the last k blocks, LM loss. Writes a "
@@ -106,8 +108,11 @@ def add_fold(parser: argparse.ArgumentParser) -> None:
 
 def add_export(parser: argparse.ArgumentParser) -> None:
     add_config(parser, ExportSettings())
-    parser.add_argument("--plain", required=True, metavar="OUT", help="output folder of the vanilla export (written atomically)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it already exists")
+    outputs = parser.add_argument_group("outputs (at least one)")
+    outputs.add_argument("--plain", metavar="OUT", help="output folder of the vanilla export (written atomically)")
+    outputs.add_argument("--gguf", metavar="OUT.gguf", help="output GGUF file for llama.cpp (written atomically, with "
+                         "OUT.gguf.json: its settings and SHA-256)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the outputs if they already exist")
 
 
 def add_heal(parser: argparse.ArgumentParser) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from foldgpt.core.settings import section
 from foldgpt.data.config import CalibrationConfig
 from foldgpt.eval.config import EvalConfig
-from foldgpt.formats.config import ModelConfig, OffloadConfig
+from foldgpt.formats.config import GgufConfig, ModelConfig, OffloadConfig
 from foldgpt.healing.config import HealConfig
 from foldgpt.selection.config import GATE_CALIBRATION_WINDOWS, PRUNE_SCREEN, GateConfig, ProbeConfig, SelectionConfig
 from foldgpt.surgery.config import RemovalTarget, SharingConfig
@@ -60,7 +60,8 @@ class FoldSettings:
 
 @dataclass(frozen=True)
 class ExportSettings:
-    loading: ModelConfig = section(ModelConfig, title=MODEL, exclude=("device_map",), help="the compact model to export")
+    loading: ModelConfig = section(ModelConfig, title=MODEL, exclude=("device_map",), help="the model to export")
+    gguf: GgufConfig = section(GgufConfig, title="GGUF (--gguf)", help="the llama.cpp file")
 
 
 @dataclass(frozen=True)

@@ -55,3 +55,26 @@ class OffloadConfig:
     def __post_init__(self) -> None:
         if self.offload_dir and self.offload != "blocks":
             raise FoldGPTError("--offload-dir needs --offload blocks")
+
+
+GgufType = Literal["f32", "f16", "bf16", "q8_0"]
+GGUF_TYPES = get_args(GgufType)
+
+
+@dataclass(frozen=True)
+class GgufConfig:
+    """How ``foldgpt export --gguf`` writes the llama.cpp file (``foldgpt.formats.gguf_export``)."""
+
+    type: GgufType = setting("f16", help="tensor type of the GGUF file's matrices: f32, f16, bf16 or q8_0 (8-bit blocks "
+                             "of 32; a matrix whose rows they do not divide stays f16); norms and biases are always f32, "
+                             "as llama.cpp's converter writes them")
+
+
+@dataclass(frozen=True)
+class GgufStageConfig:
+    """``compress``'s optional last stage: the final model as a llama.cpp file."""
+
+    gguf: GgufType | None = setting(None, metavar="TYPE", none_means="no GGUF file",
+                                    help="after the final evaluation, also write DIR/gguf/model.gguf: the final model "
+                                    "(merged per position) as a GGUF file of this tensor type for llama.cpp (as 'foldgpt "
+                                    "export --gguf'; llama, mistral, qwen2, qwen3, gemma2, gemma3)")

@@ -23,13 +23,21 @@ def save_plain_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
 
 
-def export_plain(loaded: LoadedModel, out: str | Path, overwrite: bool = False) -> Path:
-    """Write ``loaded`` as a vanilla HF folder: shared weights copied per position, a LoRA adapter merged per position."""
+def merged_model(loaded: LoadedModel, purpose: str = "exporting (its pruned folder is already a plain folder)") -> PreTrainedModel:
+    """``loaded``'s model as a plain one, in place: shared weights copied per position, a LoRA adapter merged per
+    position (every exporter starts from this, so a folded or healed folder exports the logits it computes)."""
     model = loaded.model
-    refuse_removed_sublayers(model, "exporting (its pruned folder is already a plain folder)")
+    refuse_removed_sublayers(model, purpose)
     unshare(model)  # before merging: merging into a shared base would add one position's delta to the whole group
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
+    loaded.model = model
+    return model
+
+
+def export_plain(loaded: LoadedModel, out: str | Path, overwrite: bool = False) -> Path:
+    """Write ``loaded`` as a vanilla HF folder: shared weights copied per position, a LoRA adapter merged per position."""
+    model = merged_model(loaded)
     metadata = {
         "foldgpt_version": __version__,
         "stage": "export",

@@ -32,7 +32,8 @@ from foldgpt.eval.efficiency import measure_efficiency
 from foldgpt.eval.lm_tasks import evaluate_tasks
 from foldgpt.eval.perplexity import perplexity
 from foldgpt.formats.compact import save_compact
-from foldgpt.formats.loading import LoadedModel, load_model
+from foldgpt.formats.gguf_export import check_model_family, check_tokenizer_file, export_gguf
+from foldgpt.formats.loading import LoadedModel, load_config, load_model, resolve_model_path
 from foldgpt.healing.loop import heal
 from foldgpt.surgery.budget import blocks_to_remove_with_sharing
 from foldgpt.workflows.analyze import analyze
@@ -46,6 +47,7 @@ __all__ = ["CompressConfig", "compress", "compress_config", "config_from_file", 
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
 STAGE_FILE = "stage.json"
+GGUF_FILE = "model.gguf"
 NOT_SETTINGS = ("out", "overwrite", "config")
 
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
@@ -55,6 +57,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "folded": ("sharing",),
     "healed": ("heal",),
     "final": ("eval",),
+    "gguf": ("deploy",),
 }
 """The sections each stage depends on (``settings_for`` narrows "pruned"'s); no other setting invalidates it."""
 STAGES = tuple(STAGE_SECTIONS)
@@ -166,6 +169,11 @@ def run_pipeline(config: CompressConfig, out: str | Path, overwrite: bool = Fals
     _check_output(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_FILE).write_text(yaml.safe_dump(to_mapping(config), sort_keys=False))
+    if config.deploy.gguf:  # refused now, not after hours of pruning and healing
+        source = resolve_model_path(config.loading.model, config.loading.trust_remote_code)
+        check_model_family(load_config(source, config.loading.trust_remote_code))
+        if source.is_dir():
+            check_tokenizer_file(source)
     teacher: list[LoadedModel] = []
 
     def dense_model() -> LoadedModel:
@@ -186,6 +194,11 @@ def run_pipeline(config: CompressConfig, out: str | Path, overwrite: bool = Fals
     final = run_stage(out, "final", config, last.key,
                       lambda folder: _evaluate_into(folder, _load(last.folder, config), config.eval))
     summary = _summary(out, config, dense, analysis, pruned, folded, last, final)
+    if config.deploy.gguf:
+        exported = run_stage(out, "gguf", config, last.key, lambda folder: _gguf_into(folder, last.folder, config))
+        summary["gguf"] = str(exported.folder / GGUF_FILE)
+        summary["stages"]["gguf"] = {"skipped": exported.skipped,
+                                     "seconds": json.loads((exported.folder / STAGE_FILE).read_text())["seconds"]}
     write_json_atomic(out / SUMMARY_FILE, summary)
     _write_report(out)
     print(format_summary(summary))
@@ -264,6 +277,12 @@ def _heal_into(folder: Path, folded: Path, teacher: LoadedModel, config: Compres
     result = heal(_load(folded, config), teacher, config.heal, out=folder, overwrite=True,
                   checkpoint_dir=checkpoint, resume=(checkpoint / "checkpoint.pt").is_file())
     return {"steps": result.metadata.get("steps_done"), "tokens": result.metadata.get("tokens_seen")}
+
+
+def _gguf_into(folder: Path, final: Path, config: CompressConfig) -> dict:
+    with atomic_output_dir(folder, overwrite=True) as tmp:
+        export_gguf(_load(final, config), tmp / GGUF_FILE, config.deploy.gguf or "f16")
+    return {"type": config.deploy.gguf, "bytes": (folder / GGUF_FILE).stat().st_size}
 
 
 def _summary(out: Path, config: CompressConfig, dense: StageResult, analysis: StageResult, pruned: StageResult, folded: StageResult,

@@ -11,7 +11,7 @@ from foldgpt.core.settings import section
 from foldgpt.data.config import CalibrationConfig
 from foldgpt.errors import FoldGPTError
 from foldgpt.eval.config import PERPLEXITY_SETS, EvalConfig
-from foldgpt.formats.config import ModelConfig
+from foldgpt.formats.config import GgufStageConfig, ModelConfig
 from foldgpt.healing.config import HealConfig
 from foldgpt.selection.config import (
     GATE_CALIBRATION_WINDOWS,
@@ -66,6 +66,8 @@ class CompressConfig:
     eval: EvalConfig = section(compress_evaluation, title="evaluation (dense and final model)",
                                flags={"seqlen": "eval-seqlen"},  # --seqlen is the calibration's
                                help="what the dense and the final model are scored on")
+    deploy: GgufStageConfig = section(GgufStageConfig, title="llama.cpp export (last stage)",
+                                      help="the final model as a GGUF file")
 
     def __post_init__(self) -> None:
         if self.selection.method is None:
