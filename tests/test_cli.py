@@ -295,3 +295,9 @@ def test_config_errors_name_the_setting_as_it_was_written(tmp_path, content, phr
     with pytest.raises(FoldGPTError) as error:
         config_from_file(path)
     assert phrase in str(error.value) and f"config '{path}'" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_tasks_none_skips_the_zero_shot_tasks():
+    from foldgpt.eval.config import EvalConfig
+
+    assert EvalConfig(tasks=("none",)).tasks is None and EvalConfig(tasks=("piqa",)).tasks == ("piqa",)

@@ -27,7 +27,8 @@ class EvalConfig:
     tasks: tuple[str, ...] | None = setting(None, metavar="TASKS",
                                             help="comma-separated lm-eval tasks: piqa, arc_easy, arc_challenge, boolq, winogrande "
                                             "(shipped, read from --data-dir), any other lm-eval task whose data is in the "
-                                            "Hugging Face cache, or a task YAML file; reports acc and acc_norm as the harness does")
+                                            "Hugging Face cache, or a task YAML file; reports acc and acc_norm as the harness does; "
+                                            "none: no tasks (compress evaluates the five shipped ones by default)")
     limit: int | None = setting(None, metavar="N", none_means="every document",
                                 help="score only the first N documents of each task, for quick runs")
     num_fewshot: int = setting(0, help="few-shot examples per prompt")
@@ -51,6 +52,8 @@ class EvalConfig:
             raise FoldGPTError(f"evaluation needs num_fewshot >= 0, got {self.num_fewshot}")
         if self.ppl is not None and not self.ppl:
             raise FoldGPTError("give at least one perplexity set, e.g. wikitext2,ptb")
+        if self.tasks is not None and tuple(name.lower() for name in self.tasks) == ("none",):
+            object.__setattr__(self, "tasks", None)  # --tasks none: skip the tasks (compress runs five by default)
         if self.tasks is not None and not self.tasks:
             raise FoldGPTError("give at least one task, e.g. piqa,arc_easy")
 
