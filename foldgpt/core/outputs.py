@@ -23,6 +23,14 @@ from foldgpt.errors import FoldGPTError
 METADATA_FILE = "foldgpt.json"
 
 
+def disk_full_error(error: OSError, out: Path, hint: str) -> FoldGPTError | None:
+    """The one-line error for a write to ``out`` that ran out of disk space or quota (None for any other error)."""
+    if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    message = f"no space left on the device while writing '{out}'; nothing was kept: free some space or {hint}"
+    return FoldGPTError(message)
+
+
 def check_output_free(out: Path, overwrite: bool) -> None:
     """Refuse to replace an existing output unless asked to (checked before any slow work starts)."""
     if out.exists() and not overwrite:
@@ -44,10 +52,10 @@ def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         tmp.rename(out)
     except OSError as error:
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise FoldGPTError(f"no space left on the device while writing '{out}'; nothing was kept: free some space or "
-                               "choose an --out on another disk") from error
-        raise
+        full = disk_full_error(error, out, "choose an --out on another disk")
+        if full is None:
+            raise
+        raise full from error
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -9,7 +9,6 @@ transformers' GGUF reader undoes, so ``from_pretrained(dir, gguf_file=...)`` giv
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -26,7 +25,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from foldgpt._version import __version__
 from foldgpt.core.manifest import file_sha256, model_identity
-from foldgpt.core.outputs import check_output_free, read_metadata, write_json_atomic
+from foldgpt.core.outputs import check_output_free, disk_full_error, read_metadata, write_json_atomic
 from foldgpt.errors import FoldGPTError
 from foldgpt.formats.config import GGUF_TYPES, GgufType
 from foldgpt.formats.loading import LoadedModel
@@ -391,10 +390,10 @@ def export_gguf(loaded: LoadedModel, out: str | Path, kind: str = "f16", overwri
                     "tensor_types": counts, "input": model_identity(loaded.source, loaded.hub)}
         os.replace(tmp, out)
     except OSError as error:
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise FoldGPTError(f"no space left on the device while writing '{out}'; nothing was kept: free some space or "
-                               "choose another path") from error
-        raise
+        full = disk_full_error(error, out, "choose another path")
+        if full is None:
+            raise
+        raise full from error
     finally:
         tmp.unlink(missing_ok=True)
     write_json_atomic(sidecar_path(out), manifest)
