@@ -1,7 +1,9 @@
-"""Block numbering across successive prunes: indices of a pruned model in its original model's numbering."""
+"""Where an output came from: the header every writer puts in ``foldgpt.json``, and block numbering across successive
+prunes (indices of a pruned model in its original model's numbering)."""
 
 from __future__ import annotations
 
+from foldgpt._version import __version__
 from foldgpt.core.outputs import read_metadata
 
 
@@ -16,3 +18,10 @@ def in_original_numbering(source: str, removed: list[int], num_blocks: int) -> l
     if len(kept_original) != num_blocks:
         return removed
     return [kept_original[i] for i in removed]
+
+
+def origin_metadata(stage: str, source: str, hub: dict | None) -> dict:
+    """The first keys of a written folder's ``foldgpt.json``: the version, the stage that wrote it, and the input
+    (its path, its Hub origin, and its own ``foldgpt.json``, so the lineage of a chain of stages is kept)."""
+    return {"foldgpt_version": __version__, "stage": stage, "source_model": source, "source_hub": hub,
+            "source_metadata": read_metadata(source)}

@@ -8,8 +8,8 @@ from pathlib import Path
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from foldgpt._version import __version__
-from foldgpt.core.outputs import METADATA_FILE, atomic_output_dir, read_metadata
+from foldgpt.core.lineage import origin_metadata
+from foldgpt.core.outputs import METADATA_FILE, atomic_output_dir
 from foldgpt.formats.compact import WEIGHTS_FILE
 from foldgpt.formats.loading import LoadedModel
 from foldgpt.surgery.sharing import parameter_report, unshare
@@ -39,11 +39,7 @@ def export_plain(loaded: LoadedModel, out: str | Path, overwrite: bool = False) 
     """Write ``loaded`` as a vanilla HF folder: shared weights copied per position, a LoRA adapter merged per position."""
     model = merged_model(loaded)
     metadata = {
-        "foldgpt_version": __version__,
-        "stage": "export",
-        "source_model": loaded.source,
-        "source_hub": loaded.hub,
-        "source_metadata": read_metadata(loaded.source),
+        **origin_metadata("export", loaded.source, loaded.hub),
         "parameters": parameter_report(model).to_dict(),
     }
     with atomic_output_dir(Path(out), overwrite) as folder:

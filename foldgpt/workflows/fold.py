@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from foldgpt._version import __version__
 from foldgpt.arch.adapters import adapter_for
+from foldgpt.core.lineage import origin_metadata
 from foldgpt.core.outputs import atomic_output_dir, read_metadata
 from foldgpt.errors import FoldGPTError
 from foldgpt.formats.compact import save_compact
@@ -63,11 +63,7 @@ def fold_model(
     fold(model, group_list, parents)
     report = parameter_report(model)
     metadata = {
-        "foldgpt_version": __version__,
-        "stage": "fold",
-        "source_model": loaded.source,
-        "source_hub": loaded.hub,
-        "source_metadata": read_metadata(loaded.source),
+        **origin_metadata("fold", loaded.source, loaded.hub),
         "groups": group_list,
         "parents": parents,
         "parent_rule": parent,
