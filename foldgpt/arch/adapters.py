@@ -95,9 +95,14 @@ class ArchitectureAdapter:
         """The attention's output projection (``o_proj``), whose output is added to the residual stream."""
         return block.get_submodule(f"{self.attention}.{self.attention_output}")
 
+    @property
+    def mlp_output_name(self) -> str:
+        """The path of the MLP's output projection relative to a block (``mlp.down_proj``, OPT's ``fc2``)."""
+        return self.mlp_output if self.mlp is None else f"{self.mlp}.{self.mlp_output}"
+
     def mlp_output_layer(self, block: nn.Module) -> nn.Module:
         """The MLP's output projection (``down_proj``), whose output is added to the residual stream."""
-        return block.get_submodule(self.mlp_output if self.mlp is None else f"{self.mlp}.{self.mlp_output}")
+        return block.get_submodule(self.mlp_output_name)
 
     def branch_update(self, block: nn.Module, branch: str) -> nn.Module:
         """The module whose output is the residual update of ``branch`` (``"attention"`` or ``"mlp"``) of ``block``."""

@@ -13,7 +13,7 @@ from foldgpt.eval.config import EvalConfig
 from foldgpt.formats.config import GgufConfig, ModelConfig, OffloadConfig
 from foldgpt.healing.config import HealConfig
 from foldgpt.selection.config import GATE_CALIBRATION_WINDOWS, PRUNE_SCREEN, GateConfig, ProbeConfig, SelectionConfig
-from foldgpt.surgery.config import RemovalTarget, SharingConfig
+from foldgpt.surgery.config import RemovalTarget, ReplacementConfig, SharingConfig
 
 MODEL = "model"
 CALIBRATION = "calibration data"
@@ -41,6 +41,8 @@ class PruneSettings:
     probe: ProbeConfig = section(lambda: PRUNE_SCREEN, prefix="gate-probe-",
                                  title="screen and healing probes of the gates' near-ties (--method gates)",
                                  help="how the gates' near-tied sets are screened (and probed)")
+    replacement: ReplacementConfig = section(ReplacementConfig, title="replacement of the removed blocks",
+                                             help="a linear map in place of each removed span (ReplaceMe)")
     offload: OffloadConfig = section(OffloadConfig, title=MEMORY, help="block-by-block selection (bi, angular, sleb)")
 
 

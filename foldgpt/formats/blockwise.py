@@ -27,7 +27,8 @@ import json
 import math
 import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -35,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from foldgpt.arch.adapters import adapter_for, hidden_of
+from foldgpt.arch.adapters import ArchitectureAdapter, adapter_for, hidden_of
 from foldgpt.errors import FoldGPTError
 from foldgpt.formats.compact import is_compact_folder
 from foldgpt.formats.loading import DTYPES, load_config, resolve_model_path
@@ -107,7 +108,7 @@ class _Stop(Exception):
 class _Stage(nn.Module):
     """Stands in for decoder block ``index`` inside the model's forward (see :class:`BlockwiseModel`)."""
 
-    def __init__(self, owner: BlockwiseModel, index: int) -> None:
+    def __init__(self, owner: StagedBlocks, index: int) -> None:
         super().__init__()
         self.index = index
         self._owner = [owner]  # a list, so that the owner is not registered as a sub-module
@@ -134,6 +135,9 @@ class HiddenStates:
         offset = self.slots[-1][0] + _nbytes(self.slots[-1][1], self.slots[-1][2]) if self.slots else 0
         self.slots.append((offset, hidden.shape, hidden.dtype))
         self._write(len(self.slots) - 1, hidden)
+
+    def __len__(self) -> int:
+        return len(self.memory) if self.path is None else len(self.slots)
 
     def __getitem__(self, index: int) -> torch.Tensor:
         if self.path is None:
@@ -162,7 +166,96 @@ def _nbytes(shape: torch.Size, dtype: torch.dtype) -> int:
     return math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
 
 
-class BlockwiseModel:
+class StagedBlocks:
+    """Running a model's decoder blocks one call at a time, each with exactly the arguments its forward gives it.
+
+    :meth:`embed` runs the model's forward with stand-ins (:class:`_Stage`) in place of the blocks: they record each
+    block's arguments for the batch's shape and stop before the final norm. :meth:`run_block` then calls a real
+    block with them. A subclass sets ``model``, ``adapter``, ``blocks``, ``num_blocks`` and ``device``, and says in
+    :meth:`_staged` how the stand-ins get into the model.
+    """
+
+    model: PreTrainedModel
+    adapter: ArchitectureAdapter
+    blocks: list[nn.Module]
+    num_blocks: int
+    device: torch.device
+
+    def __init__(self) -> None:
+        self._mode = "capture"
+        self._captured: list[tuple[tuple, dict]] = []
+        self._first_hidden: torch.Tensor | None = None
+        self._final_hidden: torch.Tensor | None = None
+        self._arguments: dict[tuple[int, ...], list[tuple[tuple, dict]]] = {}
+
+    def _staged(self) -> AbstractContextManager:
+        """While inside, the model's layer list holds the stand-ins."""
+        return nullcontext()
+
+    def load_block(self, index: int) -> nn.Module:
+        return self.blocks[index]
+
+    def free_block(self, index: int) -> None:
+        """Nothing to free for blocks in memory."""
+
+    # the model's own forward, with stand-in blocks -------------------------------------------------------------
+
+    def _stage(self, index: int, hidden: torch.Tensor, args: tuple, kwargs: dict):
+        if self._mode == "capture":
+            if index == 0:
+                self._first_hidden = hidden
+            self._captured.append((args, kwargs))
+            if index == self.num_blocks - 1:
+                raise _Stop
+            return hidden
+        return self._final_hidden if index == self.num_blocks - 1 else hidden
+
+    @torch.no_grad()
+    def embed(self, batch: torch.Tensor) -> torch.Tensor:
+        """The first block's input for ``batch``; records the arguments every block gets for this batch shape."""
+        self._mode, self._captured = "capture", []
+        try:
+            with self._staged():
+                self.model(input_ids=batch.to(self.device), use_cache=False)
+        except _Stop:
+            pass
+        else:  # pragma: no cover - every supported family calls each block
+            raise FoldGPTError("the model's forward did not call every decoder block")
+        self._arguments.setdefault(tuple(batch.shape), self._captured)
+        hidden, self._first_hidden, self._captured = self._first_hidden, None, []
+        assert hidden is not None
+        return hidden
+
+    @torch.no_grad()
+    def run_block(self, index: int, hidden: torch.Tensor, batch_shape: Sequence[int]) -> torch.Tensor:
+        """Block ``index`` (loaded) on ``hidden``, with the arguments the model's forward gives it."""
+        args, kwargs = self._arguments[tuple(batch_shape)][index]
+        return hidden_of(self.blocks[index](hidden.to(self.device), *args, **kwargs))
+
+
+class ResidentBlocks(StagedBlocks):
+    """:class:`StagedBlocks` over a model already in memory (``--offload none``): the same block-by-block algorithms
+    (linear replacement) run on it, with the stand-ins swapped in only while a batch is embedded."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        self.model = model
+        self.adapter = adapter_for(model)
+        self.blocks = list(self.adapter.layers(model))
+        self.num_blocks = len(self.blocks)
+        self.device = next(model.parameters()).device
+
+    @contextmanager
+    def _staged(self) -> Iterator[None]:
+        layers = self.adapter.layers(self.model)
+        self.adapter.set_layers(self.model, nn.ModuleList(_Stage(self, i) for i in range(self.num_blocks)))
+        try:
+            yield
+        finally:
+            self.adapter.set_layers(self.model, layers)
+
+
+class BlockwiseModel(StagedBlocks):
     """A model whose decoder blocks are read from disk one at a time (see the module docstring).
 
     ``spec`` is what ``load_model`` accepts, restricted to safetensors folders (or the alias ``smollm2-135m``).
@@ -175,6 +268,7 @@ class BlockwiseModel:
         from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
 
+        super().__init__()
         if dtype not in DTYPES:
             raise FoldGPTError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
         path = resolve_model_path(spec)
@@ -219,11 +313,6 @@ class BlockwiseModel:
         self.adapter.set_layers(model, nn.ModuleList(_Stage(self, i) for i in range(self.num_blocks)))
         self.loaded_blocks: set[int] = set()
         self.max_loaded_blocks = 0
-        self._mode = "capture"
-        self._captured: list[tuple[tuple, dict]] = []
-        self._first_hidden: torch.Tensor | None = None
-        self._final_hidden: torch.Tensor | None = None
-        self._arguments: dict[tuple[int, ...], list[tuple[tuple, dict]]] = {}
 
     def skeleton(self) -> PreTrainedModel:
         """A fresh copy of the model on the meta device, with its real (weightless) blocks: for counting parameters
@@ -241,7 +330,9 @@ class BlockwiseModel:
 
     @property
     def hidden_size(self) -> int:
-        return self.model.get_input_embeddings().weight.shape[-1]
+        weight = self.model.get_input_embeddings().weight
+        assert isinstance(weight, torch.Tensor)
+        return weight.shape[-1]
 
     # weights ---------------------------------------------------------------------------------------------------
 
@@ -312,6 +403,14 @@ class BlockwiseModel:
             self.max_loaded_blocks = max(self.max_loaded_blocks, len(self.loaded_blocks))
         return self.blocks[index]
 
+    def checkpoint_key(self, index: int, name: str) -> str:
+        """The key in the checkpoint of parameter ``name`` (relative to block ``index``, e.g. ``mlp.down_proj.weight``)."""
+        full = f"{self.adapter.layers_path}.{index}.{name}"
+        for places in self._block_groups[index]:
+            if any(place[0] == full for place in places):
+                return self._checkpoint_key(places)
+        raise FoldGPTError(f"block {index} of '{self.source}' has no parameter '{name}'")
+
     def free_block(self, index: int) -> None:
         """Put block ``index`` back on the meta device (its weights are freed)."""
         if index in self.loaded_blocks:
@@ -319,39 +418,6 @@ class BlockwiseModel:
                 for owner, attribute, meta in group:
                     owner._parameters[attribute] = meta
             self.loaded_blocks.discard(index)
-
-    # the model's own forward, with stand-in blocks -------------------------------------------------------------
-
-    def _stage(self, index: int, hidden: torch.Tensor, args: tuple, kwargs: dict):
-        if self._mode == "capture":
-            if index == 0:
-                self._first_hidden = hidden
-            self._captured.append((args, kwargs))
-            if index == self.num_blocks - 1:
-                raise _Stop
-            return hidden
-        return self._final_hidden if index == self.num_blocks - 1 else hidden
-
-    @torch.no_grad()
-    def embed(self, batch: torch.Tensor) -> torch.Tensor:
-        """The first block's input for ``batch``; records the arguments every block gets for this batch shape."""
-        self._mode, self._captured = "capture", []
-        try:
-            self.model(input_ids=batch.to(self.device), use_cache=False)
-        except _Stop:
-            pass
-        else:  # pragma: no cover - every supported family calls each block
-            raise FoldGPTError("the model's forward did not call every decoder block")
-        self._arguments.setdefault(tuple(batch.shape), self._captured)
-        hidden, self._first_hidden, self._captured = self._first_hidden, None, []
-        assert hidden is not None
-        return hidden
-
-    @torch.no_grad()
-    def run_block(self, index: int, hidden: torch.Tensor, batch_shape: Sequence[int]) -> torch.Tensor:
-        """Block ``index`` (loaded) on ``hidden``, with the arguments the model's forward gives it."""
-        args, kwargs = self._arguments[tuple(batch_shape)][index]
-        return hidden_of(self.blocks[index](hidden.to(self.device), *args, **kwargs))
 
     @torch.no_grad()
     def logits(self, batch: torch.Tensor, final_hidden: torch.Tensor) -> torch.Tensor:
@@ -386,45 +452,22 @@ class BlockwiseModel:
 # the statistics --------------------------------------------------------------------------------------------------
 
 
-
-
-
-
-
-
-
-
-
-
 # SLEB ------------------------------------------------------------------------------------------------------------
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 # the workflows ---------------------------------------------------------------------------------------------------
-
-
-
-
 
 
 _ST_NAMES = {dtype: name for name, dtype in _ST_DTYPES.items()}
 SHARD_BYTES = 5 * 2**30
 
 
-def write_without_blocks(runner: BlockwiseModel, skeleton: PreTrainedModel, removed: Sequence[int], folder: Path) -> None:
+def write_without_blocks(runner: BlockwiseModel, skeleton: PreTrainedModel, removed: Sequence[int], folder: Path,
+                         replaced: Mapping[str, torch.Tensor] | None = None) -> None:
     """A vanilla HF folder of ``runner``'s model without the blocks ``removed``: the checkpoint's tensors (in the run's
-    dtype) copied one at a time, the kept blocks renumbered; ``skeleton`` carries the shrunk config."""
+    dtype) copied one at a time, the kept blocks renumbered, those keyed in ``replaced`` (checkpoint keys) written from
+    there instead; ``skeleton`` carries the shrunk config."""
+    replaced = replaced or {}
     import shutil  # noqa: PLC0415
 
     removed_set = set(removed)
@@ -469,7 +512,7 @@ def write_without_blocks(runner: BlockwiseModel, skeleton: PreTrainedModel, remo
             handle.write(struct.pack("<Q", len(encoded)))
             handle.write(encoded)
             for _, old_key, dtype, _ in shard:
-                tensor = runner.weights.read(old_key).to(dtype).contiguous()
+                tensor = (replaced[old_key] if old_key in replaced else runner.weights.read(old_key)).to(dtype).contiguous()
                 handle.write(tensor.view(torch.uint8).numpy().data.cast("B"))
     if len(shards) > 1:
         total = sum(_nbytes(torch.Size(shape), dtype) for _, _, dtype, shape in plan)
@@ -481,12 +524,6 @@ def write_without_blocks(runner: BlockwiseModel, skeleton: PreTrainedModel, remo
     if generation.is_file():
         shutil.copyfile(generation, folder / "generation_config.json")
     runner.tokenizer.save_pretrained(folder)
-
-
-
-
-
-
 
 
 def window_batches_of(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:

@@ -49,3 +49,28 @@ class SharingConfig:
     def __post_init__(self) -> None:
         if self.group_size is not None and self.group_size < 1:
             raise FoldGPTError(f"--group-size {self.group_size} is out of range; use 1 (no sharing) or more")
+
+
+Replace = Literal["none", "linear"]
+REPLACE_MODES = get_args(Replace)
+
+
+@dataclass(frozen=True)
+class ReplacementConfig:
+    """What stands in for each removed span: nothing (plain removal), or a linear map fitted on the calibration windows
+    and folded into the MLP output projection of the kept block before it (ReplaceMe; ``foldgpt.surgery.replacement``)."""
+
+    replace: Replace = setting("none", flag="--replace",
+                               help="none: the removed blocks are simply gone; linear: each contiguous removed span is "
+                               "replaced by a d x d map, fitted by least squares on the calibration windows and folded "
+                               "into the down projection of the kept block before it (ReplaceMe): no training, no extra "
+                               "parameter, still a vanilla folder (not Gemma 2/3, post-LN OPT, or a span at block 0)")
+    ridge: float = setting(1e-4, flag="--replace-ridge", metavar="R",
+                           help="with {replace} linear: the ridge term of the fit, as a fraction of the mean eigenvalue "
+                           "of the MLP outputs' Gram matrix")
+
+    def __post_init__(self) -> None:
+        if self.replace not in REPLACE_MODES:
+            raise FoldGPTError(f"unknown --replace '{self.replace}'; choose one of {', '.join(REPLACE_MODES)}")
+        if not self.ridge >= 0:
+            raise FoldGPTError(f"--replace-ridge {self.ridge} is out of range; use 0 or more, e.g. 1e-4")

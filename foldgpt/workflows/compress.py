@@ -53,7 +53,7 @@ NOT_SETTINGS = ("out", "overwrite", "config")
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "dense": ("loading", "eval"),
     "analysis": ("loading", "calibration"),
-    "pruned": ("loading", "calibration", "selection", "target", "gates", "probe", "sharing"),
+    "pruned": ("loading", "calibration", "selection", "target", "replacement", "gates", "probe", "sharing"),
     "folded": ("sharing",),
     "healed": ("heal",),
     "final": ("eval",),
@@ -118,6 +118,8 @@ def settings_for(stage: str, config: CompressConfig) -> dict[str, Any]:
     sections = {name: to_mapping(getattr(config, name), excluded(name)) for name in STAGE_SECTIONS[stage]}
     if stage != "pruned":
         return sections
+    if config.replacement.replace == "none":  # plain removal: runs from before the setting keep their key
+        del sections["replacement"]
     if config.target.target_params is None:
         del sections["sharing"]
     else:
@@ -260,7 +262,7 @@ def _prune_into(folder: Path, config: CompressConfig) -> dict:
     # prune writes the folder (atomically, manifest included) as 'foldgpt prune' does: the model it returns may no longer
     # be savable as the plain folder (removed sub-layers become weightless ZeroBranch-es after saving)
     result = prune(loaded, config.selection.method or "", calibration=config.calibration, gate_config=config.gates,
-                   out=folder, overwrite=True, probe=config.probe_config(), **targets)
+                   out=folder, overwrite=True, probe=config.probe_config(), replacement=config.replacement, **targets)
     return {"removed": result.metadata["removed"]}
 
 

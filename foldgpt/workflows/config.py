@@ -20,7 +20,7 @@ from foldgpt.selection.config import (
     ProbeConfig,
     SelectionConfig,
 )
-from foldgpt.surgery.config import RemovalTarget, SharingConfig
+from foldgpt.surgery.config import RemovalTarget, ReplacementConfig, SharingConfig
 
 COMPRESS_TASKS = ("piqa", "arc_easy", "arc_challenge", "boolq", "winogrande")
 COMPRESS_TASK_LIMIT = 100
@@ -52,6 +52,8 @@ class CompressConfig:
     calibration: CalibrationConfig = section(lambda: CalibrationConfig(nsamples=GATE_CALIBRATION_WINDOWS),
                                              title="calibration data (selection and analysis)",
                                              help="the text the blocks are chosen on (and the analysis runs on)")
+    replacement: ReplacementConfig = section(ReplacementConfig, title="block removal",
+                                             help="a linear map in place of each removed span (ReplaceMe)")
     gates: GateConfig = section(GateConfig, prefix="gate-", title="gate training (--method gates)",
                                 help="the gates' training")
     probe: ProbeConfig = section(lambda: ProbeConfig(sets=PIPELINE_PROBE_SETS, seqlen=1), prefix="gate-probe-",

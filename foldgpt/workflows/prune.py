@@ -24,6 +24,7 @@ from foldgpt.core.ranges import parse_ranges
 from foldgpt.data.config import CalibrationConfig
 from foldgpt.data.windows import load_windows
 from foldgpt.errors import FoldGPTError
+from foldgpt.formats.blockwise import ResidentBlocks
 from foldgpt.formats.loading import LoadedModel
 from foldgpt.formats.plain import save_plain_model
 from foldgpt.selection.base import Selection, select_blocks_with
@@ -32,7 +33,9 @@ from foldgpt.selection.config import GRANULARITIES, GateConfig, ProbeConfig, def
 from foldgpt.selection.gates import select_by_gates_with, select_sublayers_by_gates_with
 from foldgpt.selection.registry import METHODS, select_blocks
 from foldgpt.surgery.budget import RemovalTarget, blocks_to_remove, sublayer_budget
+from foldgpt.surgery.config import ReplacementConfig
 from foldgpt.surgery.removal import count_parameters, remove_blocks
+from foldgpt.surgery.replacement import check_replaceable_family
 from foldgpt.surgery.sublayers import (
     BRANCHES,
     REMOVED_SUBLAYERS_KEY,
@@ -44,6 +47,7 @@ from foldgpt.surgery.sublayers import (
 from foldgpt.train.parallel import is_main_process
 from foldgpt.workflows.probe import choose_by_probe
 from foldgpt.workflows.prune_metadata import model_cost, prune_metadata
+from foldgpt.workflows.replace import replace_removed, with_saved_carriers
 
 
 @dataclass
@@ -69,6 +73,7 @@ def prune(
     granularity: str = "block",
     blocks: Sequence[int] | None = None,
     probe: ProbeConfig | None = None,
+    replacement: ReplacementConfig | None = None,
 ) -> PruneResult:
     """Remove blocks from ``loaded.model`` in place with ``method``; save a plain HF folder to ``out`` if given.
 
@@ -84,25 +89,38 @@ def prune(
     0`` it heals the ``sets`` best of them briefly and keeps the one that heals best, with ``sets == 0`` it keeps the
     best-screened one (``PRUNE_SCREEN``, the CLI's default); ``None`` keeps the gates' own pick
     (``foldgpt.workflows.probe``). What it did is recorded under ``details["probe"]``.
+
+    ``replacement`` (``ReplacementConfig("linear")``) replaces each removed span by a linear map fitted on the
+    calibration windows and folded into the kept block before it (``foldgpt.workflows.replace``); its fit is recorded
+    under ``replacement``.
     """
     target = RemovalTarget(remove=remove, remove_ratio=remove_ratio, target_params=target_params, target_flops=target_flops)
     method = checked_method(method, granularity, blocks, target)
     probe = effective_probe(probe, method, granularity)
-    calibration = None if blocks is not None else calibration or default_calibration(method)
+    replaces = replacement is not None and replacement.replace != "none"
+    calibration = calibration or default_calibration(method) if blocks is None or replaces else None
     model = loaded.model
     check_prunable(loaded)
+    if replaces:
+        check_replacement_possible(model, granularity)
     num_blocks = len(adapter_for(model).layers(model))
     budget = removal_budget(model, target, granularity, given=blocks is not None)
     before = model_cost(model, target.flops_context)
     start = time.perf_counter()
-    if calibration is None:  # blocks given
-        selection = given_selection(list(blocks or ()), num_blocks)
+    if blocks is not None:
+        selection = given_selection(list(blocks), num_blocks)
     else:
+        assert calibration is not None  # every method but the given blocks calibrates
         selection = select_for_pruning(loaded, method, granularity, budget, calibration, gate_config, probe)
     n_remove = budget.n_remove if budget.n_remove is not None else len(selection.removed)
+    extra = None
+    if replaces:
+        assert replacement is not None and calibration is not None
+        extra = {"replacement": replace_selection(loaded, selection, calibration, replacement, num_blocks)}
     saved_sublayers = remove_selection(model, selection, num_blocks)
     after = model_cost(model, target.flops_context, saved_sublayers)
-    extra = sublayer_metadata(loaded.source, selection, num_blocks, saved_sublayers, model) if granularity == "sublayer" else None
+    if granularity == "sublayer":
+        extra = sublayer_metadata(loaded.source, selection, num_blocks, saved_sublayers, model)
     metadata = prune_metadata(source=loaded.source, method=method, selection=selection, num_blocks=num_blocks,
                               n_remove=n_remove, calibration=calibration, target=target, before=before, after=after,
                               started=start, given_blocks=blocks is not None, extra=extra)
@@ -110,6 +128,22 @@ def prune(
         write_pruned(loaded, metadata, selection, granularity, Path(out), overwrite)
     drop_removed_sublayers(model)  # in memory as foldgpt.load gives the folder back: removed branches hold no weights
     return PruneResult(selection=selection, loaded=loaded, metadata=metadata)
+
+
+def check_replacement_possible(model: PreTrainedModel, granularity: str) -> None:
+    """Refuse ``--replace linear`` before any selection runs where it could not be folded (spans are checked later)."""
+    if granularity != "block":
+        raise FoldGPTError("--replace linear replaces removed whole blocks; drop --granularity sublayer")
+    check_replaceable_family(model.config)
+
+
+def replace_selection(loaded: LoadedModel, selection: Selection, calibration: CalibrationConfig,
+                      replacement: ReplacementConfig, num_blocks: int) -> dict:
+    """Fit and fold the maps of ``selection``'s spans into the dense model (before removal); the metadata record,
+    with each carrier's index in the saved folder too."""
+    windows = load_windows(loaded.tokenizer, calibration.data, calibration.nsamples, calibration.seqlen, calibration.seed)
+    report, _ = replace_removed(ResidentBlocks(loaded.model), windows, selection.removed, replacement)
+    return with_saved_carriers(report, selection.removed, num_blocks)
 
 
 def checked_method(method: str, granularity: str, blocks: Sequence[int] | None, target: RemovalTarget) -> str:

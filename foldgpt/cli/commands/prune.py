@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> None:
     result = prune(load(settings.loading), selection.method or "given", calibration=settings.calibration, out=args.out,
                    overwrite=args.overwrite, gate_config=settings.gates, granularity=selection.granularity, blocks=blocks,
                    probe=probe_config(settings), remove=target.remove, remove_ratio=target.remove_ratio,
-                   target_params=target.target_params, target_flops=target.target_flops)
+                   target_params=target.target_params, target_flops=target.target_flops, replacement=settings.replacement)
     if not main_process:
         return
     meta = result.metadata
@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> None:
     if selection.granularity == "sublayer":
         single = meta["removed_sublayers"]
         print(f"removed sub-layers of kept blocks: attention {single.get('attention', [])}, MLP {single.get('mlp', [])}")
+    print_replacement(meta)
     print_sizes(meta, args.out)
 
 
@@ -71,10 +72,19 @@ def run_blockwise(settings: PruneSettings, out: str, overwrite: bool) -> None:
     meta = prune_blockwise(model.model, selection.method or "", calibration=settings.calibration, out=out, overwrite=overwrite,
                            dtype=model.dtype, device=model.device, offload_dir=settings.offload.offload_dir,
                            remove=target.remove, remove_ratio=target.remove_ratio, target_params=target.target_params,
-                           target_flops=target.target_flops)
+                           target_flops=target.target_flops, replacement=settings.replacement)
     print(f"{selection.method}: removed blocks {meta['removed']} of {meta['num_blocks_before']} in "
           f"{meta['selection_seconds']:.1f}s (block by block; peak resident memory {meta['peak_rss_bytes'] / 2**20:.0f} MiB)")
+    print_replacement(meta)
     print_sizes(meta, out)
+
+
+def print_replacement(meta: dict) -> None:
+    """One line per replaced span: where its map went and how much of the stream's error it removed."""
+    for span in meta.get("replacement", {}).get("spans", []):
+        blocks = span["removed"]
+        print(f"blocks {blocks[0]}-{blocks[-1]} replaced by a linear map in block {span['carrier']}'s MLP output: "
+              f"relative error of the stream after them {span['error_without']:.4f} -> {span['fit_error']:.4f}")
 
 
 def print_sizes(meta: dict, out: str) -> None:

@@ -1,0 +1,157 @@
+"""``--replace linear``: fit each removed span's map on the calibration windows, block by block, and fold it in.
+
+Two hidden-state streams go through the blocks in order: the dense model's, and the pruned model's (every kept
+block, each span already replaced by its fitted map). At a span's carrier (the kept block before it) the pruned
+stream's MLP update ``M`` and the rest ``Y`` of the carrier's output are kept; at the span's end the dense stream
+is the target ``L``, and ``M^T M`` and ``M^T (L - Y)`` are summed over the windows. So each span is fitted to the
+inputs the pruned model really gives it, earlier spans' errors included, and only one block's weights are needed
+at a time: the same code runs in memory (:class:`ResidentBlocks`) and from disk (:class:`BlockwiseModel`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from foldgpt.core.system import scratch_folder
+from foldgpt.formats.blockwise import BlockwiseModel, HiddenStates, StagedBlocks, window_batches_of
+from foldgpt.selection.blockwise import new_stream
+from foldgpt.surgery.config import ReplacementConfig
+from foldgpt.surgery.replacement import LinearFit, Span, check_replaceable, fold_into_mlp_output, removed_spans
+
+REPLACE_BATCH = 4
+"""Calibration windows per block call."""
+
+
+class UpdateRecorder:
+    """A forward hook on a block's MLP-update module that keeps its last output (the MLP's residual update ``M``)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.output: torch.Tensor | None = None
+        self.handle = module.register_forward_hook(self.record)
+
+    def record(self, module: nn.Module, inputs: tuple, output: object) -> None:
+        self.output = output if isinstance(output, torch.Tensor) else output[0]  # type: ignore[index]
+
+    def take(self) -> torch.Tensor:
+        assert self.output is not None, "the block did not call its MLP"
+        output, self.output = self.output, None
+        return output
+
+
+@torch.no_grad()
+def replace_removed(runner: StagedBlocks, windows: torch.Tensor, removed: Sequence[int], config: ReplacementConfig,
+                    offload_dir: str | Path | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Fit and fold the map of every span of ``removed`` (input numbering) into ``runner``'s model.
+
+    In memory the carriers' weights change in place; from disk (``BlockwiseModel``) the new tensors are returned by
+    checkpoint key, for the folder writer. Also returns ``foldgpt.json``'s ``replacement`` record: per span the
+    relative squared error of the stream after it, with the map and without it (plain removal)."""
+    start = time.perf_counter()
+    spans = removed_spans(removed)
+    check_replaceable(runner.model.config, spans)
+    carriers = {span.carrier: span for span in spans}
+    ends = {span.last: span for span in spans}
+    gone = set(removed)
+    batches = window_batches_of(windows, REPLACE_BATCH)
+    replaced: dict[str, torch.Tensor] = {}
+    fits: list[dict] = []
+    with ExitStack() as stack:
+        folder = scratch_folder(stack, offload_dir) if offload_dir is not None else None
+        dense = new_stream(folder, "dense")
+        for batch in batches:
+            dense.append(runner.embed(batch))
+        pruned: HiddenStates | None = None  # None while it equals the dense stream (before the first span)
+        kept_parts: tuple[HiddenStates, HiddenStates] | None = None  # the carrier's M and Y, per batch
+        fit: LinearFit | None = None
+        for index in tqdm(range(runner.num_blocks), desc="replace", leave=False):
+            block = runner.load_block(index)
+            span = carriers.get(index)
+            recorder = UpdateRecorder(runner.adapter.branch_update(block, "mlp")) if span else None
+            if span:
+                kept_parts = new_stream(folder, f"update_{index}"), new_stream(folder, f"rest_{index}")
+                fit = LinearFit(dense[0].shape[-1])
+            try:
+                for number, batch in enumerate(batches):
+                    dense_out = runner.run_block(index, dense[number], batch.shape)
+                    if recorder and pruned is None:
+                        keep_parts(kept_parts, recorder.take(), dense_out)
+                    dense[number] = dense_out
+                    if pruned is not None and index not in gone:
+                        pruned_out = runner.run_block(index, pruned[number], batch.shape)
+                        if recorder:
+                            keep_parts(kept_parts, recorder.take(), pruned_out)
+                        pruned[number] = pruned_out
+                    if index in ends:
+                        assert fit is not None and kept_parts is not None
+                        update, rest = kept_parts[0][number], kept_parts[1][number]
+                        fit.add(update, dense_out.to(update.device, update.dtype) - rest)
+            finally:
+                if recorder:
+                    recorder.handle.remove()
+                runner.free_block(index)
+            if index in ends:
+                assert fit is not None and kept_parts is not None
+                transform = fit.solve(config.ridge, ends[index])
+                fits.append(span_record(ends[index], fit, transform))
+                pruned = pruned_after_span(pruned, kept_parts, transform, folder, ends[index])
+                fold_map(runner, ends[index].carrier, transform, replaced)
+                kept_parts = fit = None
+    report = {"method": config.replace, "ridge": config.ridge, "windows": len(windows), "tokens": windows.numel(),
+              "spans": fits, "seconds": time.perf_counter() - start}
+    return report, replaced
+
+
+def keep_parts(parts: tuple[HiddenStates, HiddenStates] | None, update: torch.Tensor, output: torch.Tensor) -> None:
+    """Append the carrier's MLP update ``M`` and the rest of its output ``Y = output - M`` (OPT's ``fc2`` sees the
+    tokens flattened: ``M`` is reshaped as the output)."""
+    assert parts is not None
+    update = update.reshape(output.shape)
+    parts[0].append(update)
+    parts[1].append(output - update)
+
+
+def pruned_after_span(pruned: HiddenStates | None, parts: tuple[HiddenStates, HiddenStates], transform: torch.Tensor,
+                      folder: Path | None, span: Span) -> HiddenStates:
+    """The pruned stream after ``span``: ``Y + M T`` for every batch (a new stream the first time)."""
+    stream = pruned if pruned is not None else new_stream(folder, f"pruned_{span.last}")
+    for number in range(len(parts[0])):
+        update, rest = parts[0][number], parts[1][number]
+        value = rest + (update.to(torch.float64) @ transform).to(update.dtype)
+        if pruned is None:
+            stream.append(value)
+        else:
+            stream[number] = value
+    return stream
+
+
+def span_record(span: Span, fit: LinearFit, transform: torch.Tensor) -> dict:
+    """One span's entry in the report (input numbering)."""
+    identity = torch.eye(len(transform), dtype=torch.float64)
+    return {"removed": list(range(span.first, span.last + 1)), "carrier": span.carrier, "tokens": fit.tokens,
+            "fit_error": fit.residual(transform), "error_without": fit.residual(identity)}
+
+
+def fold_map(runner: StagedBlocks, carrier: int, transform: torch.Tensor, replaced: dict[str, torch.Tensor]) -> None:
+    """Fold ``transform`` into block ``carrier``'s MLP output projection; from disk, keep the new tensors by key."""
+    block = runner.load_block(carrier)
+    fold_into_mlp_output(runner.adapter, block, transform)
+    if isinstance(runner, BlockwiseModel):
+        layer = runner.adapter.mlp_output_layer(block)
+        for name, parameter in layer.named_parameters():
+            key = runner.checkpoint_key(carrier, f"{runner.adapter.mlp_output_name}.{name}")
+            replaced[key] = parameter.detach().to("cpu").clone()
+        runner.free_block(carrier)
+
+
+def with_saved_carriers(report: dict, removed: Sequence[int], num_blocks: int) -> dict:
+    """``report`` with each span's carrier also in the saved folder's numbering (``carrier_saved``)."""
+    kept = [index for index in range(num_blocks) if index not in set(removed)]
+    spans = [{**span, "carrier_saved": kept.index(span["carrier"])} for span in report["spans"]]
+    return {**report, "spans": spans}
