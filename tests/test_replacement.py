@@ -21,7 +21,7 @@ from foldgpt.workflows.replace import replace_removed
 from tiny import DEPTH, identity_block_model, random_ids, save_tiny, tiny_model, tiny_tokenizer
 
 FOLDABLE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "opt", "gpt2", "gpt_neox")
-LINEAR = ReplacementConfig("linear")
+LINEAR = ReplacementConfig("linear", nsamples=8)
 
 
 @pytest.fixture
@@ -84,6 +84,23 @@ def test_the_fit_lowers_the_error_of_every_span_it_replaces():
     assert [span["removed"] for span in report["spans"]] == [[1], [3, 4]]
     for span in report["spans"]:
         assert 0 <= span["fit_error"] < span["error_without"]
+
+
+def test_the_cosine_objective_lowers_the_cosine_distance_the_least_squares_map_leaves():
+    ids = random_ids(batch=6, length=24)
+    cosine = ReplacementConfig("linear", objective="cosine", cosine_steps=50, cosine_lr=1e-3)
+    spans = {name: replace_removed(ResidentBlocks(tiny_model("llama")), ids, [3, 4], config)[0]["spans"][0]
+             for name, config in (("lstsq", LINEAR), ("cosine", cosine))}
+    assert spans["cosine"]["cosine_distance"] < spans["lstsq"]["cosine_distance"] < spans["lstsq"]["cosine_distance_without"]
+
+
+@pytest.mark.parametrize(("options", "phrase"), [({"replace": "cubic"}, "--replace"), ({"ridge": -1.0}, "--replace-ridge"),
+                                                 ({"nsamples": 0}, "--replace-nsamples"),
+                                                 ({"objective": "l1"}, "--replace-objective"),
+                                                 ({"cosine_lr": 0.0}, "--replace-cosine-lr")])
+def test_bad_replacement_settings_get_one_line_errors(options, phrase):
+    with pytest.raises(FoldGPTError, match=phrase):
+        ReplacementConfig(**options)
 
 
 @pytest.mark.parametrize("family", FOLDABLE)

@@ -53,6 +53,8 @@ class SharingConfig:
 
 Replace = Literal["none", "linear"]
 REPLACE_MODES = get_args(Replace)
+Objective = Literal["lstsq", "cosine"]
+OBJECTIVES = get_args(Objective)
 
 
 @dataclass(frozen=True)
@@ -65,12 +67,29 @@ class ReplacementConfig:
                                "replaced by a d x d map, fitted by least squares on the calibration windows and folded "
                                "into the down projection of the kept block before it (ReplaceMe): no training, no extra "
                                "parameter, still a vanilla folder (not Gemma 2/3, post-LN OPT, or a span at block 0)")
+    nsamples: int = setting(64, flag="--replace-nsamples", metavar="N",
+                            help="with {replace} linear: the calibration windows the maps are fitted on (the calibration's "
+                            "text, --seqlen and --seed; a map has d x d unknowns, so it wants more windows than scoring)")
     ridge: float = setting(1e-4, flag="--replace-ridge", metavar="R",
                            help="with {replace} linear: the ridge term of the fit, as a fraction of the mean eigenvalue "
                            "of the MLP outputs' Gram matrix")
+    objective: Objective = setting("lstsq", flag="--replace-objective",
+                                   help="lstsq: the ridge least-squares map; cosine: that map refined by Adam to minimise "
+                                   "the cosine distance between the replaced and the dense stream (ReplaceMe's best "
+                                   "variant; holds the span's activations in memory)")
+    cosine_steps: int = setting(200, flag="--replace-cosine-steps", metavar="N",
+                                help="with {objective} cosine: full-batch Adam steps per span")
+    cosine_lr: float = setting(1e-4, flag="--replace-cosine-lr", metavar="X",
+                               help="with {objective} cosine: Adam's learning rate")
 
     def __post_init__(self) -> None:
         if self.replace not in REPLACE_MODES:
             raise FoldGPTError(f"unknown --replace '{self.replace}'; choose one of {', '.join(REPLACE_MODES)}")
+        if self.objective not in OBJECTIVES:
+            raise FoldGPTError(f"unknown --replace-objective '{self.objective}'; choose one of {', '.join(OBJECTIVES)}")
+        if self.nsamples < 1:
+            raise FoldGPTError(f"--replace-nsamples {self.nsamples} is out of range; use 1 or more, e.g. 64")
+        if self.cosine_steps < 0 or not self.cosine_lr > 0:
+            raise FoldGPTError("--replace-cosine-steps must be 0 or more and --replace-cosine-lr above 0")
         if not self.ridge >= 0:
             raise FoldGPTError(f"--replace-ridge {self.ridge} is out of range; use 0 or more, e.g. 1e-4")

@@ -123,6 +123,29 @@ class LinearFit:
         return transform
 
 
+def refined_by_cosine(transform: torch.Tensor, update: torch.Tensor, rest: torch.Tensor, target: torch.Tensor,
+                      steps: int, lr: float) -> torch.Tensor:
+    """``transform`` refined by full-batch Adam on the mean cosine distance between ``rest + update T`` and
+    ``target`` (tokens x d each): the stream's direction is what the next block's norm sees."""
+    weight = transform.to(torch.float32).clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([weight], lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            optimizer.zero_grad()
+            loss = cosine_distance(rest + update @ weight, target)
+            loss.backward()
+            optimizer.step()
+    refined = weight.detach().to(torch.float64)
+    if not torch.isfinite(refined).all():
+        raise FoldGPTError("--replace-objective cosine diverged (non-finite map); lower --replace-cosine-lr or use lstsq")
+    return refined
+
+
+def cosine_distance(stream: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of ``1 - cos(stream, target)``."""
+    return (1 - torch.nn.functional.cosine_similarity(stream, target, dim=-1)).mean()
+
+
 def fold_into_mlp_output(adapter: ArchitectureAdapter, block: nn.Module, transform: torch.Tensor) -> None:
     """Make ``block``'s MLP output projection compute ``M T`` instead of ``M``, in place (weight and bias)."""
     layer = adapter.mlp_output_layer(block)

@@ -23,7 +23,15 @@ from foldgpt.core.system import scratch_folder
 from foldgpt.formats.blockwise import BlockwiseModel, HiddenStates, StagedBlocks, window_batches_of
 from foldgpt.selection.blockwise import new_stream
 from foldgpt.surgery.config import ReplacementConfig
-from foldgpt.surgery.replacement import LinearFit, Span, check_replaceable, fold_into_mlp_output, removed_spans
+from foldgpt.surgery.replacement import (
+    LinearFit,
+    Span,
+    check_replaceable,
+    cosine_distance,
+    fold_into_mlp_output,
+    refined_by_cosine,
+    removed_spans,
+)
 
 REPLACE_BATCH = 4
 """Calibration windows per block call."""
@@ -70,12 +78,14 @@ def replace_removed(runner: StagedBlocks, windows: torch.Tensor, removed: Sequen
         pruned: HiddenStates | None = None  # None while it equals the dense stream (before the first span)
         kept_parts: tuple[HiddenStates, HiddenStates] | None = None  # the carrier's M and Y, per batch
         fit: LinearFit | None = None
+        targets = HiddenStates()
         for index in tqdm(range(runner.num_blocks), desc="replace", leave=False):
             block = runner.load_block(index)
             span = carriers.get(index)
             recorder = UpdateRecorder(runner.adapter.branch_update(block, "mlp")) if span else None
             if span:
                 kept_parts = new_stream(folder, f"update_{index}"), new_stream(folder, f"rest_{index}")
+                targets = new_stream(folder, f"target_{index}")
                 fit = LinearFit(dense[0].shape[-1])
             try:
                 for number, batch in enumerate(batches):
@@ -91,20 +101,24 @@ def replace_removed(runner: StagedBlocks, windows: torch.Tensor, removed: Sequen
                     if index in ends:
                         assert fit is not None and kept_parts is not None
                         update, rest = kept_parts[0][number], kept_parts[1][number]
-                        fit.add(update, dense_out.to(update.device, update.dtype) - rest)
+                        target = dense_out.to(update.device, update.dtype)
+                        fit.add(update, target - rest)
+                        targets.append(target)
             finally:
                 if recorder:
                     recorder.handle.remove()
                 runner.free_block(index)
             if index in ends:
                 assert fit is not None and kept_parts is not None
-                transform = fit.solve(config.ridge, ends[index])
-                fits.append(span_record(ends[index], fit, transform))
+                transform = fitted_map(fit, kept_parts, targets, config, ends[index])
+                fits.append(span_record(ends[index], fit, transform, kept_parts, targets))
                 pruned = pruned_after_span(pruned, kept_parts, transform, folder, ends[index])
                 fold_map(runner, ends[index].carrier, transform, replaced)
                 kept_parts = fit = None
-    report = {"method": config.replace, "ridge": config.ridge, "windows": len(windows), "tokens": windows.numel(),
-              "spans": fits, "seconds": time.perf_counter() - start}
+    report: dict = {"method": config.replace, "objective": config.objective, "ridge": config.ridge, "windows": len(windows),
+              "tokens": windows.numel(), "spans": fits, "seconds": time.perf_counter() - start}
+    if config.objective == "cosine":
+        report["cosine"] = {"steps": config.cosine_steps, "lr": config.cosine_lr}
     return report, replaced
 
 
@@ -131,11 +145,31 @@ def pruned_after_span(pruned: HiddenStates | None, parts: tuple[HiddenStates, Hi
     return stream
 
 
-def span_record(span: Span, fit: LinearFit, transform: torch.Tensor) -> dict:
-    """One span's entry in the report (input numbering)."""
+def fitted_map(fit: LinearFit, parts: tuple[HiddenStates, HiddenStates], targets: HiddenStates,
+               config: ReplacementConfig, span: Span) -> torch.Tensor:
+    """The span's map: the ridge least-squares solution, refined on the cosine distance with ``objective`` cosine."""
+    transform = fit.solve(config.ridge, span)
+    if config.objective != "cosine":
+        return transform
+    update, rest, target = (torch.cat([stream[n] for n in range(len(stream))]).flatten(0, -2).float()
+                            for stream in (*parts, targets))
+    return refined_by_cosine(transform, update, rest, target, config.cosine_steps, config.cosine_lr)
+
+
+def span_record(span: Span, fit: LinearFit, transform: torch.Tensor, parts: tuple[HiddenStates, HiddenStates],
+                targets: HiddenStates) -> dict:
+    """One span's entry in the report (input numbering): the relative squared error of the stream after the span and
+    its mean cosine distance from the dense one, with the map and without it."""
     identity = torch.eye(len(transform), dtype=torch.float64)
+    with_map = without = 0.0
+    for number in range(len(targets)):
+        update, rest, target = parts[0][number].double(), parts[1][number].double(), targets[number].double()
+        tokens = target.numel() / target.shape[-1]
+        with_map += float(cosine_distance(rest + update @ transform, target)) * tokens
+        without += float(cosine_distance(rest + update, target)) * tokens
     return {"removed": list(range(span.first, span.last + 1)), "carrier": span.carrier, "tokens": fit.tokens,
-            "fit_error": fit.residual(transform), "error_without": fit.residual(identity)}
+            "fit_error": fit.residual(transform), "error_without": fit.residual(identity),
+            "cosine_distance": with_map / fit.tokens, "cosine_distance_without": without / fit.tokens}
 
 
 def fold_map(runner: StagedBlocks, carrier: int, transform: torch.Tensor, replaced: dict[str, torch.Tensor]) -> None:
