@@ -241,3 +241,18 @@ def test_summary_table_columns_line_up_under_long_task_names():
         assert header[header.index(label) - 1] == " "  # labels never run into each other
     assert removed == "removed blocks [3, 4] (gates); shared groups [[0, 1]]"
     assert stages == "stages: dense 573s, final skipped"
+
+
+def test_the_replacement_keys_the_removal_only_when_it_runs():
+    before = {"model": "m", "method": "bi", "remove": 6}
+    assert "replacement" not in keyed("pruned", before)  # runs from before --replace keep their key
+    assert keyed("pruned", {**before, "replace_ridge": 1e-2}) == keyed("pruned", before)
+    assert keyed("pruned", {**before, "replace": "linear"})["replacement"]["replace"] == "linear"
+
+
+def test_the_pipeline_replaces_the_removed_blocks_when_asked(tiny_folder, text_file, tmp_path):
+    options = {**quick_options(text_file), "method": "bi", "replace": "linear", "replace_nsamples": 4, "heal_steps": 0,
+               "group_size": 1}
+    foldgpt.compress(str(tiny_folder), tmp_path / "run", **options)
+    meta = json.loads((tmp_path / "run" / "pruned" / "foldgpt.json").read_text())
+    assert meta["replacement"]["windows"] == 4 and meta["replacement"]["spans"]
