@@ -39,6 +39,7 @@ _EXPORTS = {
     "ProbeConfig": "foldgpt.selection.config",
     "PruneResult": "foldgpt.workflows.prune",
     "RedundancyStats": "foldgpt.analysis.redundancy",
+    "ReplacementConfig": "foldgpt.surgery.config",
     "TaskResults": "foldgpt.eval.lm_tasks",
     "analyze": "foldgpt.workflows.analyze",
     "compress": "foldgpt.workflows.compress",
@@ -71,6 +72,7 @@ __all__ = [
     "ProbeConfig",
     "PruneResult",
     "RedundancyStats",
+    "ReplacementConfig",
     "TaskResults",
     "__version__",
     "analyze",
@@ -114,6 +116,7 @@ if TYPE_CHECKING:
     from foldgpt.healing.config import HealConfig
     from foldgpt.healing.loop import HealResult, heal
     from foldgpt.selection.config import PRUNE_SCREEN, GateConfig, ProbeConfig
+    from foldgpt.surgery.config import ReplacementConfig
     from foldgpt.surgery.removal import remove_blocks
     from foldgpt.workflows.analyze import analyze
     from foldgpt.workflows.compress import compress

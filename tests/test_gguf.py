@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import gguf
@@ -161,24 +162,83 @@ class _no_raise:
         return False
 
 
-@pytest.mark.llama_cpp
-@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
-                    reason="llama-cpp-python is not installed (pip install llama-cpp-python builds llama.cpp, minutes)")
-def test_llama_cpp_generates_what_transformers_generates(tmp_path):
+needs_llama_cpp = pytest.mark.skipif(
+    importlib.util.find_spec("llama_cpp") is None,
+    reason="llama-cpp-python is not installed (README: 'llama.cpp'; pip install llama-cpp-python builds llama.cpp, minutes)")
+
+
+def llama_cpp_runner(path: Path, n_ctx: int = 64):
+    """llama.cpp on ``path`` with a float32 KV cache (its default f16 cache alone moves logits by ~1e-3, enough to
+    flip a near-tied greedy choice of a random tiny model), every position's logits kept."""
     import llama_cpp  # noqa: PLC0415 (optional, compiled dependency)
 
-    folder = save_family(tmp_path / "llama", "llama")
-    out = export_gguf(load_model(str(folder)), tmp_path / "l.gguf", "f32")
-    runner = llama_cpp.Llama(model_path=str(out), n_ctx=64, verbose=False, logits_all=False)
-    prompt = ids()[0, :8].tolist()
-    ours = AutoModelForCausalLM.from_pretrained(folder).eval().generate(
-        torch.tensor([prompt]), max_new_tokens=20, do_sample=False)[0, len(prompt):].tolist()
-    theirs = []
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, verbose=False, logits_all=True,
+                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, n_threads=1)
+
+
+def llama_cpp_greedy(runner, prompt: list[int], count: int = 20) -> list[int]:
+    """Up to ``count`` greedy tokens, ending with the end-of-sequence token as transformers' ``generate`` does."""
+    tokens = []
     for token in runner.generate(prompt, temp=0.0, top_k=1):
-        theirs.append(token)
-        if len(theirs) == 20:
+        tokens.append(token)
+        if len(tokens) == count or token == runner.token_eos():
             break
-    assert theirs == ours
+    return tokens
+
+
+def llama_cpp_logits(runner, tokens: list[int]) -> torch.Tensor:
+    runner.reset()
+    runner.eval(tokens)
+    return torch.tensor(runner.scores[: len(tokens)]).float()
+
+
+def llama_cpp_perplexity(runner, windows: torch.Tensor) -> float:
+    """exp(mean NLL) over ``windows`` as ``windows_perplexity`` computes it, with llama.cpp's logits."""
+    total, count = 0.0, 0
+    for window in windows:
+        logits = llama_cpp_logits(runner, window.tolist())
+        total += torch.nn.functional.cross_entropy(logits[:-1], window[1:], reduction="sum").item()
+        count += len(window) - 1
+    return math.exp(total / count)
+
+
+@pytest.mark.llama_cpp
+@needs_llama_cpp
+@pytest.mark.parametrize("family", list(OVERRIDES))
+def test_llama_cpp_runs_each_family_to_the_folders_logits_and_greedy_tokens(tmp_path, family):
+    folder = save_family(tmp_path / family, family)
+    out = export_gguf(load_model(str(folder)), tmp_path / f"{family}.gguf", "f32")
+    runner = llama_cpp_runner(out)
+    prompt = ids()[0, :8].tolist()
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    reference = logits_of(model, torch.tensor([prompt]))[0]
+    error = (llama_cpp_logits(runner, prompt) - reference).abs().max().item()
+    tolerance = 1e-3 if family.startswith("gemma") else 1e-4  # ggml's GELU reads an f16 table; SiLU is exact
+    assert error < tolerance * max(1.0, reference.abs().max().item()), (family, error)
+    ours = model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)[0, len(prompt):].tolist()
+    runner.reset()
+    assert llama_cpp_greedy(runner, prompt) == ours
+
+
+@pytest.mark.llama_cpp
+@pytest.mark.real_model
+@needs_llama_cpp
+def test_llama_cpp_runs_smollm2_with_six_blocks_removed_as_transformers_does(tmp_path):
+    """f32: 20 greedy tokens equal; every type's perplexity on 8 x 512 WikiText-2 test windows within 1% of ours."""
+    assert main(["prune", "smollm2-135m", "--method", "bi", "--remove", "6", "--nsamples", "8", "--seqlen", "256",
+                 "--out", str(tmp_path / "p")]) == 0
+    loaded = load_model(str(tmp_path / "p"))
+    prompt = loaded.tokenizer("The capital of France is Paris, and the capital of Italy is")["input_ids"]
+    ours = loaded.model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)[0, len(prompt):].tolist()
+    windows = evaluation_windows(tokenize(loaded.tokenizer, load_text("wikitext2", "evaluation")), 512, 8 * 512)
+    with torch.no_grad():
+        reference = windows_perplexity(loaded.model, windows, progress=False)
+    for kind in ("f32", "f16", "q8_0"):
+        runner = llama_cpp_runner(export_gguf(loaded, tmp_path / f"p.{kind}.gguf", kind), n_ctx=512)
+        if kind == "f32":
+            assert llama_cpp_greedy(runner, prompt) == ours
+        theirs = llama_cpp_perplexity(runner, windows)
+        assert abs(theirs / reference - 1) < 0.01, (kind, theirs, reference)
 
 
 @pytest.mark.real_model

@@ -76,10 +76,11 @@ class ReplacementConfig:
     objective: Objective = setting("lstsq", flag="--replace-objective",
                                    help="lstsq: the ridge least-squares map; cosine: that map refined by Adam to minimise "
                                    "the cosine distance between the replaced and the dense stream (ReplaceMe's best "
-                                   "variant; holds the span's activations in memory)")
-    cosine_steps: int = setting(200, flag="--replace-cosine-steps", metavar="N",
+                                   "variant; holds the span's activations in memory; on SmolLM2 it helped one long span "
+                                   "and hurt bi's short ones, docs/results/replacement.md)")
+    cosine_steps: int = setting(300, flag="--replace-cosine-steps", metavar="N",
                                 help="with {objective} cosine: full-batch Adam steps per span")
-    cosine_lr: float = setting(1e-4, flag="--replace-cosine-lr", metavar="X",
+    cosine_lr: float = setting(1e-3, flag="--replace-cosine-lr", metavar="X",
                                help="with {objective} cosine: Adam's learning rate")
 
     def __post_init__(self) -> None:
