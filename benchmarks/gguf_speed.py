@@ -7,19 +7,25 @@ validation windows, prune's default), each exported with ``foldgpt export --gguf
 llama.cpp runs through llama-cpp-python (``pip install llama-cpp-python``). Prefill: one 512-token prompt evaluated
 from an empty cache; decode: 128 greedy tokens after it; each the median of ``--repeats`` runs. The ideal speed-up is
 the dense model's matmul FLOPs per token over the pruned model's (``foldgpt.surgery.budget``, at context 576, the
-decode's mean context). Also the file sizes. Target (issue 25): decode speed-up >= 0.9 x the ideal ratio.
+decode's mean context). Also the file sizes, and llama.cpp's perplexity on the first 8 x 512 WikiText-2 test windows
+(float32 KV cache) against transformers' on the folder. Target (issue 25): decode speed-up >= 0.9 x the ideal ratio.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from pathlib import Path
 
 import llama_cpp
+import torch
 
+from foldgpt.data.text import load_text
+from foldgpt.data.windows import evaluation_windows, tokenize
+from foldgpt.eval.perplexity import windows_perplexity
 from foldgpt.formats.gguf_export import export_gguf
 from foldgpt.formats.loading import load_model
 from foldgpt.surgery.budget import model_flops_per_token
@@ -68,6 +74,21 @@ def timed_run(path: Path, threads: int, prompt: list[int]) -> tuple[float, float
     return PROMPT_TOKENS / prefill, DECODE_TOKENS / decode
 
 
+def llama_cpp_perplexity(path: Path, windows: torch.Tensor, threads: int) -> float:
+    """exp(mean NLL) of llama.cpp's logits over ``windows`` (float32 KV cache), as ``windows_perplexity`` computes it."""
+    runner = llama_cpp.Llama(model_path=str(path), n_ctx=windows.shape[1], n_batch=windows.shape[1], n_threads=threads,
+                             logits_all=True, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, verbose=False)
+    total, count = 0.0, 0
+    for window in windows:
+        runner.reset()
+        runner.eval(window.tolist())
+        logits = torch.tensor(runner.scores[: len(window)]).float()
+        total += torch.nn.functional.cross_entropy(logits[:-1], window[1:], reduction="sum").item()
+        count += len(window) - 1
+    runner.close()
+    return math.exp(total / count)
+
+
 def main() -> None:
     args = parse_args()
     work = Path(args.work)
@@ -75,18 +96,23 @@ def main() -> None:
     dense = load_model("smollm2-135m")
     dense_flops = model_flops_per_token(dense.model, CONTEXT)
     prompt = dense.tokenizer("The history of the city " * 200)["input_ids"][:PROMPT_TOKENS]
+    windows = evaluation_windows(tokenize(dense.tokenizer, load_text("wikitext2", "evaluation")), 512, 8 * 512)
     rows = []
     for n_remove in [0, *map(int, args.remove.split(","))]:
         folder = folder_for(work, n_remove)
         loaded = load_model(str(folder))
         flops = model_flops_per_token(loaded.model, CONTEXT)
+        with torch.no_grad():
+            ours = windows_perplexity(loaded.model, windows, progress=False)
         for kind in args.types.split(","):
             path = export_gguf(loaded, work / f"bi{n_remove}.{kind}.gguf", kind, overwrite=True)
             runs = [timed_run(path, args.threads, prompt) for _ in range(args.repeats)]
             rows.append({"removed": n_remove, "type": kind, "bytes": path.stat().st_size, "flops_per_token": flops,
                          "ideal_speedup": dense_flops / flops,
                          "prefill_tokens_per_s": statistics.median(r[0] for r in runs),
-                         "decode_tokens_per_s": statistics.median(r[1] for r in runs), "runs": runs})
+                         "decode_tokens_per_s": statistics.median(r[1] for r in runs), "runs": runs,
+                         "perplexity_transformers": ours,
+                         "perplexity_llama_cpp": llama_cpp_perplexity(path, windows, args.threads)})
             print(json.dumps(rows[-1]), flush=True)
     for row in rows:
         base = next(r for r in rows if r["removed"] == 0 and r["type"] == row["type"])
@@ -96,10 +122,12 @@ def main() -> None:
     Path(args.out).write_text(json.dumps({"threads": args.threads, "repeats": args.repeats, "prompt_tokens": PROMPT_TOKENS,
                                           "decode_tokens": DECODE_TOKENS, "llama_cpp_python": llama_cpp.__version__,
                                           "rows": rows}, indent=1) + "\n")
-    print("| blocks removed | type | MiB | prefill tok/s | decode tok/s | decode speed-up | ideal (FLOPs) | ratio |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| blocks removed | type | MiB | ppl ours / llama.cpp | prefill tok/s | decode tok/s | decode speed-up | "
+          "ideal (FLOPs) | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['removed']} | {row['type']} | {row['bytes'] / 2**20:.1f} | {row['prefill_tokens_per_s']:.0f} | "
+        print(f"| {row['removed']} | {row['type']} | {row['bytes'] / 2**20:.1f} | {row['perplexity_transformers']:.2f} / "
+              f"{row['perplexity_llama_cpp']:.2f} | {row['prefill_tokens_per_s']:.0f} | "
               f"{row['decode_tokens_per_s']:.1f} | {row['decode_speedup']:.3f} | {row['ideal_speedup']:.3f} | "
               f"{row['decode_vs_ideal']:.3f} |")
 

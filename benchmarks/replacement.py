@@ -9,8 +9,9 @@ windows (seed 0), WikiText-2 and PTB test perplexity on the first 16,384 tokens 
 6 and 8 blocks and their plain perplexities are that table's (``benchmarks/results/removal_methods_n64_screen.json``:
 the gates there are today's ``GateConfig`` with the screen, so their 3 x 80 steps are not trained again); the
 ``--target-params`` count (blocks, as ``prune`` counts it) is selected here, bi and angular only unless
-``--train-gates``. Each set's maps are fitted as ``prune --replace linear`` fits them by default: 64 windows of the
-same text and seed, so selection and maps see the same calibration windows. ``tasks``: the five tasks at ``--limit
+``--train-gates``. Each set's maps are fitted as ``prune --replace linear`` fits them by default: 16 windows of 1,024
+tokens of the same text and seed (as many tokens as the selection's 64 x 256; the former default, 64 x 256, is in
+``benchmarks/results/replacement_fit64x256.json``). ``tasks``: the five tasks at ``--limit
 200`` for the ``--tasks-for`` counts. ``heal``: the ``--heal-for`` counts of ``--heal-methods`` healed with the
 default budget (``HealConfig()``), with and without the maps, then WikiText-2 / PTB test again. Results accumulate
 in ``--out``; what is there is skipped.
@@ -46,7 +47,7 @@ from foldgpt.workflows.replace import replace_removed
 
 REMOVAL_TABLE = Path("benchmarks/results/removal_methods_n64_screen.json")
 CALIBRATION = CalibrationConfig(nsamples=64)
-"""The removal table's calibration; ``ReplacementConfig()``'s 64 windows of it are the same windows."""
+"""The removal table's calibration (the maps take their text and seed, and ``ReplacementConfig()``'s windows)."""
 DATASETS = ("wikitext2", "ptb")
 
 
@@ -157,7 +158,7 @@ def replaced_model(dense: LoadedModel, method: str, removed: list[int], replace:
     report = None
     if replace == "linear":
         config = ReplacementConfig("linear")
-        windows = load_windows(dense.tokenizer, CALIBRATION.data, config.nsamples, CALIBRATION.seqlen, CALIBRATION.seed)
+        windows = load_windows(dense.tokenizer, CALIBRATION.data, config.nsamples, config.seqlen, CALIBRATION.seed)
         report, _ = replace_removed(ResidentBlocks(model), windows, removed, config)
     remove_blocks(model, removed)
     return LoadedModel(model, dense.tokenizer, f"{dense.source}-{method}-{len(removed)}-{replace}"), report
@@ -172,7 +173,8 @@ def measure(args: argparse.Namespace, row: dict, dense: LoadedModel, method: str
         start = time.perf_counter()
         student, report = replaced_model(dense, method, removed, replace)
         row.update(parameters=count_parameters(student.model), fit_seconds=time.perf_counter() - start,
-                   spans=None if report is None else report["spans"], perplexity=evaluate(student))
+                   spans=None if report is None else report["spans"], perplexity=evaluate(student),
+                   fit={"nsamples": ReplacementConfig().nsamples, "seqlen": ReplacementConfig().seqlen} if report else None)
     elif args.stage == "tasks" and "tasks" not in row:
         student, _ = replaced_model(dense, method, removed, replace)
         metrics = evaluate_tasks(student.model, student.tokenizer, COMPRESS_TASKS, limit=args.limit).metrics

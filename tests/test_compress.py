@@ -251,7 +251,7 @@ def test_the_replacement_keys_the_removal_only_when_it_runs():
 
 
 def test_the_pipeline_replaces_the_removed_blocks_when_asked(tiny_folder, text_file, tmp_path):
-    options = {**quick_options(text_file), "method": "bi", "replace": "linear", "replace_nsamples": 4, "heal_steps": 0,
+    options = {**quick_options(text_file), "method": "bi", "replace": "linear", "replace_nsamples": 4, "replace_seqlen": 32, "heal_steps": 0,
                "group_size": 1}
     foldgpt.compress(str(tiny_folder), tmp_path / "run", **options)
     meta = json.loads((tmp_path / "run" / "pruned" / "foldgpt.json").read_text())

@@ -21,7 +21,7 @@ from foldgpt.workflows.replace import replace_removed
 from tiny import DEPTH, identity_block_model, random_ids, save_tiny, tiny_model, tiny_tokenizer
 
 FOLDABLE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "opt", "gpt2", "gpt_neox")
-LINEAR = ReplacementConfig("linear", nsamples=8)
+LINEAR = ReplacementConfig("linear", nsamples=8, seqlen=24)
 
 
 @pytest.fixture
@@ -95,7 +95,7 @@ def test_the_cosine_objective_lowers_the_cosine_distance_the_least_squares_map_l
 
 
 @pytest.mark.parametrize(("options", "phrase"), [({"replace": "cubic"}, "--replace"), ({"ridge": -1.0}, "--replace-ridge"),
-                                                 ({"nsamples": 0}, "--replace-nsamples"),
+                                                 ({"nsamples": 0}, "--replace-nsamples"), ({"seqlen": 1}, "--replace-seqlen"),
                                                  ({"objective": "l1"}, "--replace-objective"),
                                                  ({"cosine_lr": 0.0}, "--replace-cosine-lr")])
 def test_bad_replacement_settings_get_one_line_errors(options, phrase):
@@ -167,7 +167,8 @@ def test_a_zero_or_nan_fit_is_refused_with_no_output(calibration, tmp_path):
 def test_the_cli_replaces_and_says_how_much_of_the_error_the_map_removed(calibration, tmp_path, capsys):
     folder = save_tiny(tmp_path / "dense")
     code, out, err = run_cli(capsys, "prune", folder, "--blocks", "2,3", "--replace", "linear", "--calibration",
-                             calibration.data, "--nsamples", "4", "--seqlen", "24", "--out", tmp_path / "out")
+                             calibration.data, "--nsamples", "4", "--seqlen", "24", "--replace-seqlen", "24", "--out",
+                             tmp_path / "out")
     assert code == 0, err
     assert "blocks 2-3 replaced by a linear map in block 1's MLP output" in out
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.num_hidden_layers == DEPTH - 2

@@ -67,9 +67,12 @@ class ReplacementConfig:
                                "replaced by a d x d map, fitted by least squares on the calibration windows and folded "
                                "into the down projection of the kept block before it (ReplaceMe): no training, no extra "
                                "parameter, still a vanilla folder (not Gemma 2/3, post-LN OPT, or a span at block 0)")
-    nsamples: int = setting(64, flag="--replace-nsamples", metavar="N",
+    nsamples: int = setting(16, flag="--replace-nsamples", metavar="N",
                             help="with {replace} linear: the calibration windows the maps are fitted on (the calibration's "
-                            "text, --seqlen and --seed; a map has d x d unknowns, so it wants more windows than scoring)")
+                            "text and --seed; a map has d x d unknowns, so it wants more tokens than scoring)")
+    seqlen: int = setting(1024, flag="--replace-seqlen", metavar="N",
+                          help="with {replace} linear: tokens per fitting window (long windows: the map sees late "
+                          "positions, and the first tokens' outsized states weigh less in the fit)")
     ridge: float = setting(1e-4, flag="--replace-ridge", metavar="R",
                            help="with {replace} linear: the ridge term of the fit, as a fraction of the mean eigenvalue "
                            "of the MLP outputs' Gram matrix")
@@ -88,8 +91,9 @@ class ReplacementConfig:
             raise FoldGPTError(f"unknown --replace '{self.replace}'; choose one of {', '.join(REPLACE_MODES)}")
         if self.objective not in OBJECTIVES:
             raise FoldGPTError(f"unknown --replace-objective '{self.objective}'; choose one of {', '.join(OBJECTIVES)}")
-        if self.nsamples < 1:
-            raise FoldGPTError(f"--replace-nsamples {self.nsamples} is out of range; use 1 or more, e.g. 64")
+        if self.nsamples < 1 or self.seqlen < 2:
+            raise FoldGPTError(f"--replace-nsamples {self.nsamples} / --replace-seqlen {self.seqlen} are out of range; "
+                               "use at least 1 window of at least 2 tokens, e.g. 16 x 1024")
         if self.cosine_steps < 0 or not self.cosine_lr > 0:
             raise FoldGPTError("--replace-cosine-steps must be 0 or more and --replace-cosine-lr above 0")
         if not self.ridge >= 0:

@@ -141,7 +141,7 @@ def replace_selection(loaded: LoadedModel, selection: Selection, calibration: Ca
                       replacement: ReplacementConfig, num_blocks: int) -> dict:
     """Fit and fold the maps of ``selection``'s spans into the dense model (before removal); the metadata record,
     with each carrier's index in the saved folder too."""
-    windows = load_windows(loaded.tokenizer, calibration.data, replacement.nsamples, calibration.seqlen, calibration.seed)
+    windows = load_windows(loaded.tokenizer, calibration.data, replacement.nsamples, replacement.seqlen, calibration.seed)
     report, _ = replace_removed(ResidentBlocks(loaded.model), windows, selection.removed, replacement)
     return with_saved_carriers(report, selection.removed, num_blocks)
 

@@ -49,7 +49,7 @@ def prune_blockwise(spec: str, method: str = "bi", remove: int | None = None, re
     replaced: dict[str, torch.Tensor] = {}
     if replaces:
         assert replacement is not None
-        fit_windows = load_windows(runner.tokenizer, calibration.data, replacement.nsamples, calibration.seqlen,
+        fit_windows = load_windows(runner.tokenizer, calibration.data, replacement.nsamples, replacement.seqlen,
                                    calibration.seed)
         report, replaced = replace_removed(runner, fit_windows, selection.removed, replacement, offload_dir)
         extra["replacement"] = with_saved_carriers(report, selection.removed, runner.num_blocks)

@@ -116,6 +116,7 @@ def replace_removed(runner: StagedBlocks, windows: torch.Tensor, removed: Sequen
                 fold_map(runner, ends[index].carrier, transform, replaced)
                 kept_parts = fit = None
     report: dict = {"method": config.replace, "objective": config.objective, "ridge": config.ridge, "windows": len(windows),
+                    "seqlen": windows.shape[1],
               "tokens": windows.numel(), "spans": fits, "seconds": time.perf_counter() - start}
     if config.objective == "cosine":
         report["cosine"] = {"steps": config.cosine_steps, "lr": config.cosine_lr}
