@@ -60,67 +60,87 @@ def replace_removed(runner: StagedBlocks, windows: torch.Tensor, removed: Sequen
 
     In memory the carriers' weights change in place; from disk (``BlockwiseModel``) the new tensors are returned by
     checkpoint key, for the folder writer. Also returns ``foldgpt.json``'s ``replacement`` record: per span the
-    relative squared error of the stream after it, with the map and without it (plain removal)."""
+    relative squared error and cosine distance of the stream after it, with the map and without it (plain removal)."""
     start = time.perf_counter()
     spans = removed_spans(removed)
     check_replaceable(runner.model.config, spans)
-    carriers = {span.carrier: span for span in spans}
-    ends = {span.last: span for span in spans}
-    gone = set(removed)
-    batches = window_batches_of(windows, REPLACE_BATCH)
-    replaced: dict[str, torch.Tensor] = {}
-    fits: list[dict] = []
     with ExitStack() as stack:
         folder = scratch_folder(stack, offload_dir) if offload_dir is not None else None
-        dense = new_stream(folder, "dense")
-        for batch in batches:
-            dense.append(runner.embed(batch))
-        pruned: HiddenStates | None = None  # None while it equals the dense stream (before the first span)
-        kept_parts: tuple[HiddenStates, HiddenStates] | None = None  # the carrier's M and Y, per batch
-        fit: LinearFit | None = None
-        targets = HiddenStates()
+        sweep = ReplacementSweep(runner, windows, spans, config, folder)
         for index in tqdm(range(runner.num_blocks), desc="replace", leave=False):
-            block = runner.load_block(index)
-            span = carriers.get(index)
-            recorder = UpdateRecorder(runner.adapter.branch_update(block, "mlp")) if span else None
-            if span:
-                kept_parts = new_stream(folder, f"update_{index}"), new_stream(folder, f"rest_{index}")
-                targets = new_stream(folder, f"target_{index}")
-                fit = LinearFit(dense[0].shape[-1])
-            try:
-                for number, batch in enumerate(batches):
-                    dense_out = runner.run_block(index, dense[number], batch.shape)
-                    if recorder and pruned is None:
-                        keep_parts(kept_parts, recorder.take(), dense_out)
-                    dense[number] = dense_out
-                    if pruned is not None and index not in gone:
-                        pruned_out = runner.run_block(index, pruned[number], batch.shape)
-                        if recorder:
-                            keep_parts(kept_parts, recorder.take(), pruned_out)
-                        pruned[number] = pruned_out
-                    if index in ends:
-                        assert fit is not None and kept_parts is not None
-                        update, rest = kept_parts[0][number], kept_parts[1][number]
-                        target = dense_out.to(update.device, update.dtype)
-                        fit.add(update, target - rest)
-                        targets.append(target)
-            finally:
-                if recorder:
-                    recorder.handle.remove()
-                runner.free_block(index)
-            if index in ends:
-                assert fit is not None and kept_parts is not None
-                transform = fitted_map(fit, kept_parts, targets, config, ends[index])
-                fits.append(span_record(ends[index], fit, transform, kept_parts, targets))
-                pruned = pruned_after_span(pruned, kept_parts, transform, folder, ends[index])
-                fold_map(runner, ends[index].carrier, transform, replaced)
-                kept_parts = fit = None
-    report: dict = {"method": config.replace, "objective": config.objective, "ridge": config.ridge, "windows": len(windows),
-                    "seqlen": windows.shape[1],
-              "tokens": windows.numel(), "spans": fits, "seconds": time.perf_counter() - start}
+            sweep.visit(index)
+    report: dict = {"method": config.replace, "objective": config.objective, "ridge": config.ridge,
+                    "windows": len(windows), "seqlen": windows.shape[1], "tokens": windows.numel(), "spans": sweep.fits,
+                    "seconds": time.perf_counter() - start}
     if config.objective == "cosine":
         report["cosine"] = {"steps": config.cosine_steps, "lr": config.cosine_lr}
-    return report, replaced
+    return report, sweep.replaced
+
+
+class ReplacementSweep:
+    """The two streams of :func:`replace_removed` and what the open span has kept, advanced one block at a time."""
+
+    def __init__(self, runner: StagedBlocks, windows: torch.Tensor, spans: list[Span], config: ReplacementConfig,
+                 folder: Path | None) -> None:
+        self.runner, self.config, self.folder = runner, config, folder
+        self.carriers = {span.carrier: span for span in spans}
+        self.ends = {span.last: span for span in spans}
+        self.gone = {block for span in spans for block in range(span.first, span.last + 1)}
+        self.batches = window_batches_of(windows, REPLACE_BATCH)
+        self.dense = new_stream(folder, "dense")
+        for batch in self.batches:
+            self.dense.append(runner.embed(batch))
+        self.pruned: HiddenStates | None = None  # None while it equals the dense stream (before the first span)
+        self.parts: tuple[HiddenStates, HiddenStates] | None = None  # the open span's carrier's M and Y, per batch
+        self.targets = HiddenStates()  # the dense stream after the open span, per batch
+        self.fit: LinearFit | None = None
+        self.fits: list[dict] = []
+        self.replaced: dict[str, torch.Tensor] = {}
+
+    def visit(self, index: int) -> None:
+        """Run block ``index`` on both streams (the pruned one only when it is kept); close a span that ends here."""
+        block = self.runner.load_block(index)
+        recorder = None
+        if index in self.carriers:
+            recorder = UpdateRecorder(self.runner.adapter.branch_update(block, "mlp"))
+            self.parts = new_stream(self.folder, f"update_{index}"), new_stream(self.folder, f"rest_{index}")
+            self.targets = new_stream(self.folder, f"target_{index}")
+            self.fit = LinearFit(self.dense[0].shape[-1])
+        try:
+            for number, batch in enumerate(self.batches):
+                self.visit_batch(index, number, batch, recorder)
+        finally:
+            if recorder:
+                recorder.handle.remove()
+            self.runner.free_block(index)
+        if index in self.ends:
+            self.close_span(self.ends[index])
+
+    def visit_batch(self, index: int, number: int, batch: torch.Tensor, recorder: UpdateRecorder | None) -> None:
+        dense_out = self.runner.run_block(index, self.dense[number], batch.shape)
+        if recorder and self.pruned is None:
+            keep_parts(self.parts, recorder.take(), dense_out)
+        self.dense[number] = dense_out
+        if self.pruned is not None and index not in self.gone:
+            pruned_out = self.runner.run_block(index, self.pruned[number], batch.shape)
+            if recorder:
+                keep_parts(self.parts, recorder.take(), pruned_out)
+            self.pruned[number] = pruned_out
+        if index in self.ends:
+            assert self.fit is not None and self.parts is not None
+            update, rest = self.parts[0][number], self.parts[1][number]
+            target = dense_out.to(update.device, update.dtype)
+            self.fit.add(update, target - rest)
+            self.targets.append(target)
+
+    def close_span(self, span: Span) -> None:
+        """Solve the span's map, record it, move the pruned stream past the span and fold the map into the carrier."""
+        assert self.fit is not None and self.parts is not None
+        transform = fitted_map(self.fit, self.parts, self.targets, self.config, span)
+        self.fits.append(span_record(span, self.fit, transform, self.parts, self.targets))
+        self.pruned = pruned_after_span(self.pruned, self.parts, transform, self.folder, span)
+        fold_map(self.runner, span.carrier, transform, self.replaced)
+        self.parts = self.fit = None
 
 
 def keep_parts(parts: tuple[HiddenStates, HiddenStates] | None, update: torch.Tensor, output: torch.Tensor) -> None:
