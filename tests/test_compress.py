@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 import yaml
+from transformers import AutoModelForCausalLM
 
 import foldgpt
 from foldgpt.cli.main import main
@@ -42,7 +43,8 @@ def keyed(stage, options):
 
 
 def stage_records(out):
-    return {stage: json.loads((out / stage / "stage.json").read_text()) for stage in ("dense", "analysis", "pruned", "folded", "healed", "final")}
+    return {stage: json.loads((out / stage / "stage.json").read_text())
+            for stage in ("dense", "analysis", "pruned", "folded", "healed", "final", "plain")}
 
 
 def test_every_stage_runs_and_a_rerun_skips_them_all(tiny_folder, text_file, tmp_path, capsys):
@@ -55,6 +57,10 @@ def test_every_stage_runs_and_a_rerun_skips_them_all(tiny_folder, text_file, tmp
     assert all(not stage["skipped"] for stage in summary["stages"].values())
     healed = foldgpt.load(str(out / "healed"))  # compact base + LoRA adapter
     assert hasattr(healed.model, "get_base_model")
+    plain = AutoModelForCausalLM.from_pretrained(summary["plain_model"]).eval()  # the same model as a vanilla folder
+    ids = torch.randint(3, 100, (1, 16))
+    with torch.no_grad():
+        assert torch.allclose(plain(ids).logits, healed.model(ids).logits, atol=1e-5)
     for name in ("dense", "compressed"):
         assert summary[name]["perplexity"][str(text_file)]["perplexity"] > 1.0
     assert yaml.safe_load((out / "config.yaml").read_text())["sharing"]["group_size"] == 2

@@ -1,6 +1,7 @@
 """The whole FoldGPT pipeline, top to bottom, resumable stage by stage.
 
-    dense evaluation -> analysis -> gated removal -> grouped sharing -> healing -> evaluation -> summary + report
+    dense evaluation -> analysis -> gated removal -> grouped sharing -> healing -> evaluation -> plain folder
+    -> summary + report (-> GGUF file)
 
 The settings are one ``CompressConfig`` (``foldgpt.workflows.config``): a section per concern (``gates``, ``heal``,
 ...), read from a YAML ``--config`` file, keyword arguments or the command line by the same dataclasses. Each stage
@@ -34,6 +35,7 @@ from foldgpt.eval.perplexity import perplexity
 from foldgpt.formats.compact import save_compact
 from foldgpt.formats.gguf_export import check_model_family, check_tokenizer_file, export_gguf
 from foldgpt.formats.loading import LoadedModel, load_config, load_model, resolve_model_path
+from foldgpt.formats.plain import export_plain
 from foldgpt.healing.loop import heal
 from foldgpt.surgery.budget import blocks_to_remove_with_sharing
 from foldgpt.workflows.analyze import analyze
@@ -57,6 +59,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "folded": ("sharing",),
     "healed": ("heal",),
     "final": ("eval",),
+    "plain": (),
     "gguf": ("deploy",),
 }
 """The sections each stage depends on (``settings_for`` narrows "pruned"'s); no other setting invalidates it."""
@@ -195,7 +198,11 @@ def run_pipeline(config: CompressConfig, out: str | Path, overwrite: bool = Fals
                          lambda folder: _heal_into(folder, folded.folder, dense_model(), config, checkpoint))
     final = run_stage(out, "final", config, last.key,
                       lambda folder: _evaluate_into(folder, _load(last.folder, config), config.eval))
+    plain = run_stage(out, "plain", config, last.key, lambda folder: _plain_into(folder, last.folder, config))
     summary = _summary(out, config, dense, analysis, pruned, folded, last, final)
+    summary["plain_model"] = str(plain.folder)
+    summary["stages"]["plain"] = {"skipped": plain.skipped,
+                                  "seconds": json.loads((plain.folder / STAGE_FILE).read_text())["seconds"]}
     if config.deploy.gguf:
         exported = run_stage(out, "gguf", config, last.key, lambda folder: _gguf_into(folder, last.folder, config))
         summary["gguf"] = str(exported.folder / GGUF_FILE)
@@ -279,6 +286,12 @@ def _heal_into(folder: Path, folded: Path, teacher: LoadedModel, config: Compres
     result = heal(_load(folded, config), teacher, config.heal, out=folder, overwrite=True,
                   checkpoint_dir=checkpoint, resume=(checkpoint / "checkpoint.pt").is_file())
     return {"steps": result.metadata.get("steps_done"), "tokens": result.metadata.get("tokens_seen")}
+
+
+def _plain_into(folder: Path, final: Path, config: CompressConfig) -> dict:
+    """The final model (folded, healed) as a vanilla HF folder: what vLLM and ``from_pretrained`` load."""
+    export_plain(_load(final, config), folder, overwrite=True)
+    return {}
 
 
 def _gguf_into(folder: Path, final: Path, config: CompressConfig) -> dict:
