@@ -138,7 +138,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
     for argv, phrase in (
         (["export", str(opt), "--gguf", str(out)], "not 'opt'"),
         (["export", str(char_level), "--gguf", str(out)], "writes BPE tokenizers"),
-        (["export", str(llama), "--gguf", str(out), "--type", "q4_0"], "invalid choice"),
+        (["export", str(llama), "--gguf", str(out), "--type", "q4_k_m"], "invalid choice"),
         (["export", str(gemma), "--gguf", str(out)], "sliding-window blocks"),
         (["export", str(query_scale), "--gguf", str(out)], "scales queries"),
         (["export", str(llama)], "needs an output"),
@@ -239,6 +239,23 @@ def test_llama_cpp_runs_smollm2_with_six_blocks_removed_as_transformers_does(tmp
             assert llama_cpp_greedy(runner, prompt) == ours
         theirs = llama_cpp_perplexity(runner, windows)
         assert abs(theirs / reference - 1) < 0.01, (kind, theirs, reference)
+    # 4 bits cost this small model a lot, so q4_0 is held to llama.cpp's own quantizer run on our f16 file
+    ours_q4 = llama_cpp_perplexity(llama_cpp_runner(export_gguf(loaded, tmp_path / "p.q4_0.gguf", "q4_0"), 512), windows)
+    theirs_q4 = llama_cpp_perplexity(llama_cpp_runner(llama_cpp_quantized(tmp_path / "p.f16.gguf", tmp_path / "l.gguf"),
+                                                      512), windows)
+    assert abs(ours_q4 / theirs_q4 - 1) < 0.01, (ours_q4, theirs_q4)
+
+
+def llama_cpp_quantized(source: Path, out: Path) -> Path:
+    """``source`` quantized to Q4_0 by llama.cpp itself (``llama-quantize``'s library call)."""
+    import ctypes  # noqa: PLC0415
+
+    import llama_cpp  # noqa: PLC0415 (optional, compiled dependency)
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+    assert llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params)) == 0
+    return out
 
 
 @pytest.mark.real_model

@@ -57,7 +57,7 @@ class OffloadConfig:
             raise FoldGPTError("--offload-dir needs --offload blocks")
 
 
-GgufType = Literal["f32", "f16", "bf16", "q8_0"]
+GgufType = Literal["f32", "f16", "bf16", "q8_0", "q4_0"]
 GGUF_TYPES = get_args(GgufType)
 
 
@@ -65,9 +65,10 @@ GGUF_TYPES = get_args(GgufType)
 class GgufConfig:
     """How ``foldgpt export --gguf`` writes the llama.cpp file (``foldgpt.formats.gguf_export``)."""
 
-    type: GgufType = setting("f16", help="tensor type of the GGUF file's matrices: f32, f16, bf16 or q8_0 (8-bit blocks "
-                             "of 32; a matrix whose rows they do not divide stays f16); norms and biases are always f32, "
-                             "as llama.cpp's converter writes them")
+    type: GgufType = setting("f16", help="tensor type of the GGUF file's matrices: f32, f16, bf16, q8_0 (8-bit blocks "
+                             "of 32; a matrix whose rows they do not divide stays f16) or q4_0 (4-bit blocks of 32, the "
+                             "embedding and head kept q8_0); norms and biases are always f32, as llama.cpp's converter "
+                             "writes them")
 
 
 @dataclass(frozen=True)

@@ -36,13 +36,17 @@ QUANT_TYPES = {
     "f16": gguf.GGMLQuantizationType.F16,
     "bf16": gguf.GGMLQuantizationType.BF16,
     "q8_0": gguf.GGMLQuantizationType.Q8_0,
+    "q4_0": gguf.GGMLQuantizationType.Q4_0,
 }
 FILE_TYPES = {
     "f32": gguf.LlamaFileType.ALL_F32,
     "f16": gguf.LlamaFileType.MOSTLY_F16,
     "bf16": gguf.LlamaFileType.MOSTLY_BF16,
     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
 }
+KEPT_AT_8_BITS = ("token_embd.weight", "output.weight")
+"""With ``q4_0``, the embedding and the output head stay q8_0 (``llama-quantize`` keeps the head above 4 bits too)."""
 METADATA_KEY = "foldgpt.metadata"
 """A GGUF key holding the export's ``foldgpt.json`` as JSON (readers ignore keys they do not know)."""
 
@@ -91,8 +95,8 @@ def check_model_family(config: PretrainedConfig) -> GgufFamily:
 
 def check_gguf_type(kind: str) -> GgufType:
     if kind not in GGUF_TYPES:
-        raise FoldGPTError(f"unknown GGUF type '{kind}'; choose one of {', '.join(GGUF_TYPES)} (4-bit types are not "
-                           "written yet: quantize the f16 file with llama-quantize)")
+        raise FoldGPTError(f"unknown GGUF type '{kind}'; choose one of {', '.join(GGUF_TYPES)} (k-quants such as "
+                           "q4_k_m: quantize the f16 file with llama-quantize)")
     return kind  # type: ignore[return-value]
 
 
@@ -189,11 +193,12 @@ def check_tensor_names(model: PreTrainedModel, family: GgufFamily) -> None:
                                f"{model.config.model_type} model (an untied output layer?), so it cannot be exported to GGUF")
 
 
-def tensor_type(data: np.ndarray, kind: GgufType) -> gguf.GGMLQuantizationType:
-    """convert_hf_to_gguf's choice: vectors (norms, biases) stay float32, a row that q8_0 blocks do not divide is f16."""
+def tensor_type(name: str, data: np.ndarray, kind: GgufType) -> gguf.GGMLQuantizationType:
+    """convert_hf_to_gguf's choice: vectors (norms, biases) stay float32, a row that the blocks do not divide is f16;
+    with ``q4_0`` the embedding and head are q8_0."""
     if data.ndim <= 1 or kind == "f32":
         return gguf.GGMLQuantizationType.F32
-    quant = QUANT_TYPES[kind]
+    quant = QUANT_TYPES["q8_0" if kind == "q4_0" and name in KEPT_AT_8_BITS else kind]
     block, _ = gguf.GGML_QUANT_SIZES[quant]
     return quant if data.shape[-1] % block == 0 else gguf.GGMLQuantizationType.F16
 
@@ -353,7 +358,7 @@ def write_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path:
     add_tokenizer(writer, tokenizer, config.vocab_size)
     counts: dict[str, int] = {}
     for name, data in gguf_tensors(model, family):
-        quant = tensor_type(data, kind)
+        quant = tensor_type(name, data, kind)
         writer.add_tensor(name, gguf.quants.quantize(data, quant), raw_dtype=quant)
         counts[quant.name.lower()] = counts.get(quant.name.lower(), 0) + 1
     writer.write_header_to_file()
