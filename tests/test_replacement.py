@@ -17,11 +17,11 @@ from foldgpt.surgery.removal import count_parameters, remove_blocks
 from foldgpt.surgery.replacement import Span, fold_into_mlp_output, removed_spans
 from foldgpt.workflows.prune import prune
 from foldgpt.workflows.prune_blockwise import prune_blockwise
-from foldgpt.workflows.replace import replace_removed
+from foldgpt.workflows.replace import carrier_weights, held_out_check, replace_removed
 from tiny import DEPTH, identity_block_model, random_ids, save_tiny, tiny_model, tiny_tokenizer
 
 FOLDABLE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "opt", "gpt2", "gpt_neox")
-LINEAR = ReplacementConfig("linear", nsamples=8, seqlen=24)
+LINEAR = ReplacementConfig("linear", nsamples=8, seqlen=24, check_tokens=0)
 
 
 @pytest.fixture
@@ -77,6 +77,32 @@ def test_a_span_that_adds_nothing_is_replaced_by_the_identity_and_the_logits_sta
     remove_blocks(model, [2, 3])
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, dense, atol=1e-5)
+
+
+def test_the_held_out_check_keeps_whichever_carrier_weights_score_lower(capsys):
+    """Run twice with the roles of the fitted and the plain weights swapped: one run keeps the model's weights, the
+    other puts back the ones it was given (and warns), and the model ends with the lower-scoring ones both times."""
+    model = tiny_model("llama")
+    layer = adapter_for(model).mlp_output_layer(adapter_for(model).layers(model)[1])
+    plain = carrier_weights(model, [2, 3])
+    replace_removed(ResidentBlocks(model), random_ids(batch=6, length=24), [2, 3], LINEAR)
+    fitted = carrier_weights(model, [2, 3])
+    windows = random_ids(batch=2, length=24, seed=5)
+    first = held_out_check(model, [2, 3], plain, windows)  # the model holds the fitted maps
+    assert torch.equal(layer.weight, (fitted if first["kept"] else plain)[1]["weight"])
+    layer.load_state_dict(plain[1])
+    second = held_out_check(model, [2, 3], fitted, windows)  # now it holds the plain weights as its "maps"
+    assert second["perplexity_with_maps"] == pytest.approx(first["perplexity_without"])
+    assert first["kept"] != second["kept"]
+    assert torch.equal(layer.weight, (plain if second["kept"] else fitted)[1]["weight"])
+    assert capsys.readouterr().err.count("made held-out perplexity worse") == 1
+
+
+def test_prune_checks_the_maps_on_held_out_text_and_records_it(calibration, tmp_path):
+    result = prune(LoadedModel(tiny_model("llama"), tiny_tokenizer(), "llama"), blocks=[2, 3], calibration=calibration,
+                   replacement=ReplacementConfig("linear", nsamples=8, seqlen=24, check_tokens=240))
+    check = result.metadata["replacement"]["check"]
+    assert check["tokens"] == 240 and check["kept"] == (check["perplexity_with_maps"] <= check["perplexity_without"])
 
 
 def test_the_fit_lowers_the_error_of_every_span_it_replaces():
@@ -167,8 +193,8 @@ def test_a_zero_or_nan_fit_is_refused_with_no_output(calibration, tmp_path):
 def test_the_cli_replaces_and_says_how_much_of_the_error_the_map_removed(calibration, tmp_path, capsys):
     folder = save_tiny(tmp_path / "dense")
     code, out, err = run_cli(capsys, "prune", folder, "--blocks", "2,3", "--replace", "linear", "--calibration",
-                             calibration.data, "--nsamples", "4", "--seqlen", "24", "--replace-seqlen", "24", "--out",
-                             tmp_path / "out")
+                             calibration.data, "--nsamples", "4", "--seqlen", "24", "--replace-seqlen", "24",
+                             "--replace-check-tokens", "0", "--out", tmp_path / "out")
     assert code == 0, err
     assert "blocks 2-3 replaced by a linear map in block 1's MLP output" in out
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.num_hidden_layers == DEPTH - 2

@@ -76,6 +76,11 @@ class ReplacementConfig:
     ridge: float = setting(1e-4, flag="--replace-ridge", metavar="R",
                            help="with {replace} linear: the ridge term of the fit, as a fraction of the mean eigenvalue "
                            "of the MLP outputs' Gram matrix")
+    check_tokens: int = setting(4096, flag="--replace-check-tokens", metavar="N",
+                                help="with {replace} linear: score the pruned model with and without the maps on N tokens "
+                                "of the calibration text that no fitting or selection window overlaps, and keep plain "
+                                "removal (with a warning) where the maps make it worse; 0 skips the check (always with "
+                                "--offload blocks)")
     objective: Objective = setting("lstsq", flag="--replace-objective",
                                    help="lstsq: the ridge least-squares map; cosine: that map refined by Adam to minimise "
                                    "the cosine distance between the replaced and the dense stream (ReplaceMe's best "
@@ -89,6 +94,8 @@ class ReplacementConfig:
     def __post_init__(self) -> None:
         if self.replace not in REPLACE_MODES:
             raise FoldGPTError(f"unknown --replace '{self.replace}'; choose one of {', '.join(REPLACE_MODES)}")
+        if self.check_tokens < 0:
+            raise FoldGPTError(f"--replace-check-tokens {self.check_tokens} is out of range; use 0 (no check) or more")
         if self.objective not in OBJECTIVES:
             raise FoldGPTError(f"unknown --replace-objective '{self.objective}'; choose one of {', '.join(OBJECTIVES)}")
         if self.nsamples < 1 or self.seqlen < 2:

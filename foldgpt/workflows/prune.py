@@ -22,7 +22,8 @@ from foldgpt.core.lineage import in_original_numbering
 from foldgpt.core.outputs import atomic_output_dir
 from foldgpt.core.ranges import parse_ranges
 from foldgpt.data.config import CalibrationConfig
-from foldgpt.data.windows import load_windows
+from foldgpt.data.text import load_text
+from foldgpt.data.windows import calibration_starts, calibration_windows, load_windows, tokenize, windows_avoiding
 from foldgpt.errors import FoldGPTError
 from foldgpt.formats.blockwise import ResidentBlocks
 from foldgpt.formats.loading import LoadedModel
@@ -47,7 +48,7 @@ from foldgpt.surgery.sublayers import (
 from foldgpt.train.parallel import is_main_process
 from foldgpt.workflows.probe import choose_by_probe
 from foldgpt.workflows.prune_metadata import model_cost, prune_metadata
-from foldgpt.workflows.replace import replace_removed, with_saved_carriers
+from foldgpt.workflows.replace import carrier_weights, held_out_check, replace_removed, with_saved_carriers
 
 
 @dataclass
@@ -139,10 +140,19 @@ def check_replacement_possible(model: PreTrainedModel, granularity: str) -> None
 
 def replace_selection(loaded: LoadedModel, selection: Selection, calibration: CalibrationConfig,
                       replacement: ReplacementConfig, num_blocks: int) -> dict:
-    """Fit and fold the maps of ``selection``'s spans into the dense model (before removal); the metadata record,
-    with each carrier's index in the saved folder too."""
-    windows = load_windows(loaded.tokenizer, calibration.data, replacement.nsamples, replacement.seqlen, calibration.seed)
+    """Fit and fold the maps of ``selection``'s spans into the dense model (before removal), then keep them only if
+    they lower held-out perplexity (``held_out_check``); the metadata record, with each carrier's index in the saved
+    folder too."""
+    tokens = tokenize(loaded.tokenizer, load_text(calibration.data, "calibration"))
+    windows = calibration_windows(tokens, replacement.nsamples, replacement.seqlen, calibration.seed)
+    original = carrier_weights(loaded.model, selection.removed)
     report, _ = replace_removed(ResidentBlocks(loaded.model), windows, selection.removed, replacement)
+    if replacement.check_tokens:
+        avoid = [(start, start + seqlen) for count, seqlen in ((replacement.nsamples, replacement.seqlen),
+                                                                (calibration.nsamples, calibration.seqlen))
+                 for start in calibration_starts(len(tokens), count, seqlen, calibration.seed)]
+        held_out = windows_avoiding(tokens, replacement.seqlen, replacement.check_tokens, avoid)
+        report["check"] = held_out_check(loaded.model, selection.removed, original, held_out)
     return with_saved_carriers(report, selection.removed, num_blocks)
 
 

@@ -10,6 +10,7 @@ at a time: the same code runs in memory (:class:`ResidentBlocks`) and from disk 
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -18,11 +19,15 @@ from pathlib import Path
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import PreTrainedModel
 
+from foldgpt.arch.adapters import adapter_for
 from foldgpt.core.system import scratch_folder
+from foldgpt.eval.perplexity import windows_perplexity
 from foldgpt.formats.blockwise import BlockwiseModel, HiddenStates, StagedBlocks, window_batches_of
 from foldgpt.selection.blockwise import new_stream
 from foldgpt.surgery.config import ReplacementConfig
+from foldgpt.surgery.removal import blocks_removed_temporarily
 from foldgpt.surgery.replacement import (
     LinearFit,
     Span,
@@ -210,3 +215,41 @@ def with_saved_carriers(report: dict, removed: Sequence[int], num_blocks: int) -
     kept = [index for index in range(num_blocks) if index not in set(removed)]
     spans = [{**span, "carrier_saved": kept.index(span["carrier"])} for span in report["spans"]]
     return {**report, "spans": spans}
+
+
+def carrier_weights(model: nn.Module, removed: Sequence[int]) -> dict[int, dict[str, torch.Tensor]]:
+    """A copy of every carrier's MLP output projection (weight, bias), by carrier: plain removal's weights."""
+    adapter = adapter_for(model)
+    layers = adapter.layers(model)
+    return {span.carrier: {name: tensor.detach().clone() for name, tensor in
+                           adapter.mlp_output_layer(layers[span.carrier]).state_dict().items()}
+            for span in removed_spans(removed)}
+
+
+@torch.no_grad()
+def held_out_check(model: PreTrainedModel, removed: Sequence[int], original: dict[int, dict[str, torch.Tensor]],
+                   windows: torch.Tensor) -> dict:
+    """Perplexity of ``model`` without ``removed`` on held-out ``windows``, with its fitted maps and with the
+    ``original`` carrier weights; the maps stay only if they are lower (else a warning, and plain removal)."""
+    if len(windows) == 0:
+        print("foldgpt: warning: no calibration text is left beside the fitting windows to check the maps on; kept "
+              "them unchecked (give more text or --replace-check-tokens 0)", file=sys.stderr)
+        return {"tokens": 0, "kept": True}
+    adapter = adapter_for(model)
+    layers = adapter.layers(model)
+    fitted = carrier_weights(model, removed)
+
+    def perplexity_with(weights: dict[int, dict[str, torch.Tensor]]) -> float:
+        for carrier, state in weights.items():
+            adapter.mlp_output_layer(layers[carrier]).load_state_dict(state)
+        with blocks_removed_temporarily(model, removed) as pruned:
+            return windows_perplexity(pruned, windows, progress=False)
+
+    plain, replaced = perplexity_with(original), perplexity_with(fitted)
+    kept = replaced <= plain
+    if not kept:
+        perplexity_with(original)
+        print(f"foldgpt: warning: the linear maps made held-out perplexity worse ({replaced:.2f} against {plain:.2f} "
+              "without them), so the blocks are removed plainly; a long removed span is the usual cause "
+              "(docs/results/replacement.md)", file=sys.stderr)
+    return {"tokens": windows.numel(), "perplexity_with_maps": replaced, "perplexity_without": plain, "kept": kept}

@@ -80,7 +80,10 @@ def run_blockwise(settings: PruneSettings, out: str, overwrite: bool) -> None:
 
 
 def print_replacement(meta: dict) -> None:
-    """One line per replaced span: where its map went and how much of the stream's error it removed."""
+    """One line per replaced span: where its map went and how much of the stream's error it removed (nothing when
+    the held-out check dropped the maps: it has warned)."""
+    if not meta.get("replacement", {}).get("check", {}).get("kept", True):
+        return
     for span in meta.get("replacement", {}).get("spans", []):
         blocks = span["removed"]
         print(f"blocks {blocks[0]}-{blocks[-1]} replaced by a linear map in block {span['carrier']}'s MLP output: "
