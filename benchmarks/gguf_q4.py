@@ -1,0 +1,50 @@
+"""foldgpt's q4_0 GGUF file against llama.cpp's own Q4_0 quantization of foldgpt's f16 file, both run in llama.cpp:
+SmolLM2-135M with 6 blocks removed by bi (8 x 256 calibration windows), perplexity on 8 x 512 WikiText-2 test
+windows (float32 KV cache).
+
+    OMP_NUM_THREADS=1 python benchmarks/gguf_q4.py runs/gguf_q4
+"""
+
+import ctypes
+import math
+import sys
+from pathlib import Path
+
+import llama_cpp
+import torch
+
+from foldgpt.data.config import CalibrationConfig
+from foldgpt.data.text import load_text
+from foldgpt.data.windows import evaluation_windows, tokenize
+from foldgpt.formats.gguf_export import export_gguf
+from foldgpt.formats.loading import load_model
+from foldgpt.workflows.prune import prune
+
+
+def perplexity(path: Path, windows: torch.Tensor) -> float:
+    runner = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_batch=512, n_threads=1, logits_all=True, verbose=False,
+                             type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    total, count = 0.0, 0
+    for window in windows:
+        runner.reset()
+        runner.eval(window.tolist())
+        logits = torch.tensor(runner.scores[: len(window)]).float()
+        total += torch.nn.functional.cross_entropy(logits[:-1], window[1:], reduction="sum").item()
+        count += len(window) - 1
+    return math.exp(total / count)
+
+
+work = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/gguf_q4")
+work.mkdir(parents=True, exist_ok=True)
+if not (work / "p" / "config.json").is_file():
+    prune(load_model("smollm2-135m"), "bi", remove=6, calibration=CalibrationConfig(nsamples=8), out=work / "p")
+loaded = load_model(str(work / "p"))
+windows = evaluation_windows(tokenize(loaded.tokenizer, load_text("wikitext2", "evaluation")), 512, 8 * 512)
+f16 = export_gguf(loaded, work / "p.f16.gguf", "f16", overwrite=True)
+ours = export_gguf(loaded, work / "p.q4_0.gguf", "q4_0", overwrite=True)
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+theirs = work / "p.llama-quantize.q4_0.gguf"
+assert llama_cpp.llama_model_quantize(str(f16).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
+for name, path in (("f16", f16), ("foldgpt q4_0", ours), ("llama.cpp's Q4_0 of the f16 file", theirs)):
+    print(f"{name}: {path.stat().st_size / 2**20:.1f} MiB, perplexity {perplexity(path, windows):.2f}", flush=True)
