@@ -6,12 +6,11 @@ windows (float32 KV cache).
 """
 
 import ctypes
-import math
 import sys
 from pathlib import Path
 
 import llama_cpp
-import torch
+from gguf_speed import llama_cpp_perplexity
 
 from foldgpt.data.config import CalibrationConfig
 from foldgpt.data.text import load_text
@@ -19,20 +18,6 @@ from foldgpt.data.windows import evaluation_windows, tokenize
 from foldgpt.formats.gguf_export import export_gguf
 from foldgpt.formats.loading import load_model
 from foldgpt.workflows.prune import prune
-
-
-def perplexity(path: Path, windows: torch.Tensor) -> float:
-    runner = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_batch=512, n_threads=1, logits_all=True, verbose=False,
-                             type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
-    total, count = 0.0, 0
-    for window in windows:
-        runner.reset()
-        runner.eval(window.tolist())
-        logits = torch.tensor(runner.scores[: len(window)]).float()
-        total += torch.nn.functional.cross_entropy(logits[:-1], window[1:], reduction="sum").item()
-        count += len(window) - 1
-    return math.exp(total / count)
-
 
 work = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/gguf_q4")
 work.mkdir(parents=True, exist_ok=True)
@@ -47,4 +32,4 @@ params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
 theirs = work / "p.llama-quantize.q4_0.gguf"
 assert llama_cpp.llama_model_quantize(str(f16).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
 for name, path in (("f16", f16), ("foldgpt q4_0", ours), ("llama.cpp's Q4_0 of the f16 file", theirs)):
-    print(f"{name}: {path.stat().st_size / 2**20:.1f} MiB, perplexity {perplexity(path, windows):.2f}", flush=True)
+    print(f"{name}: {path.stat().st_size / 2**20:.1f} MiB, perplexity {llama_cpp_perplexity(path, windows, 1):.2f}", flush=True)
