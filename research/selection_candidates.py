@@ -6,7 +6,9 @@ sets that matter (the gates' own pick, the old screen's pick, the new pick, bi, 
     python research/selection_candidates.py MODEL --remove 4 --gates runs/gemma-g4/foldgpt.json \
         --out research/results/selection_candidates_gemma3-270m_r4.json
 
-Without ``--gates`` only the baselines are scored (to have them ready while the gates train).
+Without ``--gates`` only the baselines are scored (to have them ready while the gates train). ``--readouts
+final,on-target`` also screens the near-ties of the gates read where exactly the target was closed
+(``GateConfig.readout``), recomputed from the recorded trajectory, so both readouts are judged on the same screen.
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from foldgpt.data.config import CalibrationConfig
 from foldgpt.data.windows import load_windows
 from foldgpt.eval.perplexity import perplexity
 from foldgpt.formats.loading import load_model
-from foldgpt.selection.candidates import baseline_sets, candidate_sets, heldout_windows, merged_candidates, screen_sets
+from foldgpt.selection.candidates import baseline_sets, candidate_sets, heldout_windows, screen_sets
 from foldgpt.selection.config import PRUNE_SCREEN, default_calibration
+from foldgpt.selection.gates import closed_count_direction, ensemble_gates
 from foldgpt.surgery.removal import blocks_removed_temporarily
 
 
@@ -35,6 +40,22 @@ def test_perplexities(loaded, removed: list[int], seqlens: list[int], max_tokens
     return results
 
 
+def readout_scores(record: dict, remove: int, readout: str) -> list[float]:
+    """The gates ``readout`` removes by, from a ``prune --method gates`` record's trajectory (its on-target flags
+    recomputed when the record predates them: unit costs, the record's ``closed_below``)."""
+    if readout == "final":
+        return record["scores"]
+    details = record["details"]
+    history, restarts = details["gate_history"], details.get("restarts", 1)
+    closed_below = details["hyperparameters"]["closed_below"]
+    flags = details.get("on_target_history") or [
+        closed_count_direction(torch.tensor(gates), remove, closed_below) == 0 for gates in history]
+    steps = len(history) // restarts
+    runs = [history[k * steps:(k + 1) * steps] for k in range(restarts)]
+    run_flags = [flags[k * steps:(k + 1) * steps] for k in range(restarts)]
+    return ensemble_gates(runs, run_flags, readout)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("model")
@@ -42,6 +63,8 @@ def main() -> None:
     parser.add_argument("--gates", help="foldgpt.json of 'prune --method gates --gate-probe-screen 0' (its scores)")
     parser.add_argument("--seqlens", default="1024,512")
     parser.add_argument("--max-tokens", type=int, default=16384)
+    parser.add_argument("--readouts", default="final", help="comma-separated gate readouts whose near-ties are screened")
+    parser.add_argument("--no-dense", action="store_true", help="skip the dense model's test perplexity")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     start = time.perf_counter()
@@ -50,22 +73,37 @@ def main() -> None:
     windows = load_windows(loaded.tokenizer, calibration.data, calibration.nsamples, calibration.seqlen, calibration.seed)
     config = PRUNE_SCREEN
     baselines = baseline_sets(loaded.model, windows, args.remove, config.baselines)
-    near_ties: list[list[int]] = []
-    if args.gates:
-        scores = json.loads(Path(args.gates).read_text())["scores"]
-        near_ties = candidate_sets(scores, args.remove, config.screen, config.pool)
-    merged = merged_candidates(near_ties, baselines)
+    readouts = args.readouts.split(",") if args.gates else []
+    record = json.loads(Path(args.gates).read_text()) if args.gates else {}
+    scores = {readout: readout_scores(record, args.remove, readout) for readout in readouts}
+    ties = {readout: candidate_sets(scores[readout], args.remove, config.screen, config.pool) for readout in readouts}
+    origins = {readout: "gates" if readout == "final" else f"gates {readout}" for readout in readouts}
+    merged: list[tuple[list[int], list[str]]] = []  # every readout's near-ties in order, then the baselines' sets
+    for readout in readouts:
+        for removed in ties[readout]:
+            match = next((entry for entry in merged if entry[0] == removed), None)
+            if match is None:
+                merged.append((removed, [origins[readout]]))
+            elif origins[readout] not in match[1]:
+                match[1].append(origins[readout])
+    for name, removed in baselines.items():
+        match = next((entry for entry in merged if entry[0] == removed), None)
+        if match is None:
+            merged.append((removed, [name]))
+        else:
+            match[1].append(name)
     held_out = heldout_windows(loaded, config, calibration)
     screen_windows = held_out[: config.screen_tokens // held_out.shape[1]]
     screened = screen_sets(loaded, [removed for removed, _ in merged], screen_windows, [origins for _, origins in merged])
     for record in screened:
         print(f"{record['removed']} {'+'.join(record['origin'])}: held-out {record['ppl_before']:.2f}", flush=True)
     picks: dict[str, list[int]] = dict(baselines)
-    if near_ties:
-        picks["gates (own pick)"] = near_ties[0]
-        old = [record for record in screened if "gates" in record["origin"]]
-        picks["gates + screen of near-ties (0.1)"] = min(old, key=lambda record: record["ppl_before"])["removed"]
-        picks["gates + screen with baselines (0.2)"] = min(screened, key=lambda record: record["ppl_before"])["removed"]
+    for readout in readouts:
+        label = "" if readout == "final" else f", {readout} readout"
+        picks[f"gates (own pick{label})"] = ties[readout][0]
+        with_baselines = [entry for entry in screened if origins[readout] in entry["origin"]
+                          or set(entry["origin"]) & set(baselines)]
+        picks[f"gates + screen with baselines (0.2{label})"] = min(with_baselines, key=lambda entry: entry["ppl_before"])["removed"]
     seqlens = [int(s) for s in args.seqlens.split(",")]
     tests = {}
     for name, removed in picks.items():
@@ -73,11 +111,11 @@ def main() -> None:
         if key not in tests:
             tests[key] = test_perplexities(loaded, removed, seqlens, args.max_tokens)
         print(f"{name}: {removed} test {tests[key]}", flush=True)
-    dense = test_perplexities(loaded, [], seqlens, args.max_tokens)
+    dense = None if args.no_dense else test_perplexities(loaded, [], seqlens, args.max_tokens)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
         "model": args.model, "remove": args.remove, "gates": args.gates, "calibration": vars(calibration),
-        "screen": {"windows": len(screen_windows), "seqlen": int(held_out.shape[1])}, "baselines": baselines,
+        "screen": {"windows": len(screen_windows), "seqlen": int(held_out.shape[1])}, "baselines": baselines, "readout_scores": scores,
         "screened": screened, "picks": picks, "test": tests, "dense": dense, "max_tokens": args.max_tokens,
         "seconds": time.perf_counter() - start}, indent=2) + "\n")
 

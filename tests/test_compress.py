@@ -256,6 +256,12 @@ def test_the_replacement_keys_the_removal_only_when_it_runs():
     assert keyed("pruned", {**before, "replace": "linear"})["replacement"]["replace"] == "linear"
 
 
+def test_the_gate_readout_keys_the_removal_only_when_it_is_not_the_old_one():
+    before = {"model": "m", "method": "gates", "remove": 6}
+    assert "readout" not in keyed("pruned", before)["gates"]  # runs from before --gate-readout keep their key
+    assert keyed("pruned", {**before, "gate_readout": "on-target"})["gates"]["readout"] == "on-target"
+
+
 def test_the_pipeline_replaces_the_removed_blocks_when_asked(tiny_folder, text_file, tmp_path):
     options = {**quick_options(text_file), "method": "bi", "replace": "linear", "replace_nsamples": 4, "replace_seqlen": 32, "heal_steps": 0,
                "group_size": 1}

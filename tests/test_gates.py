@@ -13,11 +13,13 @@ from foldgpt.errors import FoldGPTError
 from foldgpt.selection.config import METHOD_NAMES, GateConfig
 from foldgpt.selection.gates import (
     block_flops_weights,
+    closed_count_direction,
     ensemble_gates,
     gated,
     hard_removal_mask,
     next_lambda,
     polarization_regularizer,
+    run_readout,
     select_by_gates,
     select_by_gates_with,
     target_center,
@@ -296,6 +298,34 @@ def test_ensemble_gates_average_each_runs_last_quarter_then_the_runs():
     # last quarter: run_a's last 2 steps -> [0.5, 0.5]; run_b's last step -> [0.8, 0.0]; mean -> [0.65, 0.25]
     assert ensemble_gates([run_a, run_b]) == pytest.approx([0.65, 0.25])
     assert ensemble_gates([[[0.3, 0.7]]]) == pytest.approx([0.3, 0.7])  # a one-step run is its own last quarter
+
+
+def test_the_on_target_readout_averages_the_second_halfs_on_target_steps_else_the_last_quarter():
+    history = [[1.0, 1.0], [0.2, 0.9], [0.9, 0.8], [0.1, 0.9], [0.3, 0.5], [0.2, 0.7], [0.0, 0.5], [0.6, 0.1]]
+    flags = [False, True, False, False, True, True, False, False]  # step 1 is in the first half: not read
+    assert run_readout(history, flags, "on-target", single=True) == pytest.approx([0.25, 0.6])
+    assert run_readout(history, [False] * 8, "on-target", single=True) == pytest.approx([0.3, 0.3])  # last quarter
+    assert run_readout(history, flags, "final", single=True) == [0.6, 0.1]
+    assert ensemble_gates([history, history[:4]], [flags, [False, False, True, True]], "on-target") == pytest.approx(
+        [(0.25 + 0.5) / 2, (0.6 + 0.85) / 2])
+    with pytest.raises(FoldGPTError, match="unknown gate readout 'middle'"):
+        GateConfig(readout="middle")
+
+
+def test_a_run_records_when_exactly_the_target_was_closed_and_reads_its_gates_there():
+    model = identity_block_model([2, 4])
+    ids = random_ids(batch=8, length=16)
+    config = GateConfig(steps=20, lr=0.1, lam=0.2, restarts=2, readout="on-target")
+    result = train_gates(model, ids, config, seed=3, n_remove=2)
+    assert len(result.on_target_history) == 2 * config.steps
+    for gates, flag in zip(result.gate_history, result.on_target_history, strict=True):
+        assert flag == (closed_count_direction(torch.tensor(gates), 2, config.closed_below) == 0)
+    assert any(result.on_target_history[10:20]) and any(result.on_target_history[30:40])  # the identity gates close by step 10
+    runs = [result.gate_history[:20], result.gate_history[20:]]
+    flags = [result.on_target_history[:20], result.on_target_history[20:]]
+    assert result.gates == pytest.approx(ensemble_gates(runs, flags, "on-target"))
+    assert result.gates != pytest.approx(ensemble_gates(runs))
+    assert select_by_gates_with(config)(model, ids, 2, 3).removed == [2, 4]
 
 
 def test_restarts_are_runs_with_the_next_seeds_and_remove_by_their_ensemble():

@@ -22,6 +22,9 @@ CENTERS = get_args(Center)
 Optimizer = Literal["adam", "sgd"]
 OPTIMIZERS = get_args(Optimizer)
 
+Readout = Literal["final", "on-target"]
+READOUTS = get_args(Readout)
+
 Granularity = Literal["block", "sublayer"]
 GRANULARITIES = get_args(Granularity)
 
@@ -85,6 +88,13 @@ class GateConfig:
     a 6-block target and 4 5 14 26 for 4, better than one run and than Block Influence there
     (docs/results/gate-stability.md).
 
+    ``readout`` is where on each run's trajectory the gates are read: ``"final"`` takes the last step's gates (with
+    restarts, ``ensemble_gates``: each run's last quarter averaged); ``"on-target"`` averages each run's gates over
+    the steps of its second half at which exactly the target's blocks were closed (budget control's verdict "on
+    target"; a run that never was falls back to its last quarter). Why: budget control swings the closed count
+    through the target and back, and on Gemma-3-270M every restart ended in a trough with half-open gates, so the
+    final readout ranked dimming rather than removal (docs/results/gate-selection.md).
+
     ``lora_rank > 0`` (ours, beyond the paper) makes the gates heal-aware: every projection of every block gets a LoRA
     adapter of that rank (peft; ``lora_alpha = 2 * rank``, as healing's default 8/16) that trains with the gates at
     ``lora_lr``, and the teacher runs with the adapters off. A block whose loss the other blocks can learn to make up
@@ -123,6 +133,9 @@ class GateConfig:
                               "really removed (a 0/1 mask, straight-through gradient to the gates), lambda held (0 = off)")
     restarts: int = setting(3, help="train the gates this many times (seeds SEED, SEED+1, ...: other window orders) and "
                             "remove by their average over the last quarter of every run; costs that many times the training")
+    readout: Readout = setting("final", help="where each run's gates are read: final (the last step; with restarts the "
+                               "average of each run's last quarter) or on-target (the average over the steps of the run's "
+                               "second half at which exactly the target's blocks were closed; the last quarter if none)")
     lora_rank: int = setting(0, help="heal-aware gates: LoRA adapters of this rank on every projection train with the gates "
                              "(the teacher runs without them) and are discarded after, so blocks the others can learn to "
                              "make up for close (0 = off)")
@@ -135,6 +148,8 @@ class GateConfig:
             raise FoldGPTError(f"unknown gate optimizer '{self.optimizer}'; choose one of {', '.join(OPTIMIZERS)}")
         if not 0 <= self.hard_steps <= self.steps:
             raise FoldGPTError(f"gate training needs 0 <= hard_steps <= steps, got hard_steps={self.hard_steps}, steps={self.steps}")
+        if self.readout not in READOUTS:
+            raise FoldGPTError(f"unknown gate readout '{self.readout}'; choose one of {', '.join(READOUTS)}")
         if self.polarization_center not in CENTERS:
             raise FoldGPTError(f"unknown polarization center '{self.polarization_center}'; choose one of {', '.join(CENTERS)}")
         for name in ("steps", "micro_batch", "grad_accum", "restarts"):

@@ -64,6 +64,7 @@ class GateTrainingResult:
     granularity: str = "block"
     world_size: int = 1  # data-parallel processes: a step saw micro_batch * grad_accum * world_size windows
     restarts: int = 1  # runs trained one after another: the histories hold config.steps entries per run
+    on_target_history: list[bool] = field(default_factory=list)  # per step: exactly the target's gates closed
 
 
 class BlockGates:
@@ -280,7 +281,14 @@ def budget_direction(
     """
     if n_remove is None or config.lam_growth == 0:
         return 0
-    closed = gates < config.closed_below
+    return closed_count_direction(gates, n_remove, config.closed_below, costs)
+
+
+def closed_count_direction(gates: torch.Tensor, n_remove: float, closed_below: float, costs: torch.Tensor | None = None) -> int:
+    """+1 while the gates below ``closed_below`` cost less than ``n_remove``, -1 while one of them (the cheapest)
+    could reopen and the rest would still cost enough, 0 when exactly the target is closed (``budget_direction``'s
+    count, whether budget control is on or not)."""
+    closed = gates < closed_below
     costs = torch.ones_like(gates, dtype=torch.float64) if costs is None else costs.to(device=gates.device, dtype=torch.float64)
     removed = float(costs[closed].sum())
     if removed < n_remove - 1e-9:
@@ -327,17 +335,37 @@ def train_gates(
     return runs[0] if len(runs) == 1 else _combine_runs(runs)
 
 
-def ensemble_gates(histories: Sequence[Sequence[Sequence[float]]]) -> list[float]:
-    """The gates that ``restarts`` remove by: every run's gates averaged over its last quarter of steps (which
-    smooths the budget controller's swings), then averaged over the runs (which keeps the blocks they agree on)."""
-    per_run = [torch.tensor(history[-max(1, len(history) // 4):], dtype=torch.float64).mean(dim=0) for history in histories]
+def ensemble_gates(
+    histories: Sequence[Sequence[Sequence[float]]],
+    on_target: Sequence[Sequence[bool]] | None = None,
+    readout: str = "final",
+) -> list[float]:
+    """The gates that ``restarts`` remove by: every run's ``run_readout`` (by default its gates averaged over its last
+    quarter of steps, which smooths the budget controller's swings), then averaged over the runs (which keeps the
+    blocks they agree on)."""
+    flags = on_target if on_target is not None else [[False] * len(history) for history in histories]
+    per_run = [torch.tensor(run_readout(history, run_flags, readout, single=False), dtype=torch.float64)
+               for history, run_flags in zip(histories, flags, strict=True)]
     return torch.stack(per_run).mean(dim=0).tolist()
+
+
+def run_readout(history: Sequence[Sequence[float]], on_target: Sequence[bool], readout: str, single: bool) -> list[float]:
+    """One run's gates to remove by (``GateConfig.readout``): ``final``, the last step's (``single``) or the last
+    quarter's average (a restart); ``on-target``, the average over the second half's steps with exactly the target
+    closed, or the last quarter's average if there were none."""
+    if readout == "on-target":
+        steps = [step for step in range(len(history) // 2, len(history)) if on_target[step]]
+        if steps:
+            return torch.tensor([history[step] for step in steps], dtype=torch.float64).mean(dim=0).tolist()
+    elif single:
+        return list(history[-1])
+    return torch.tensor(history[-max(1, len(history) // 4):], dtype=torch.float64).mean(dim=0).tolist()
 
 
 def _combine_runs(runs: list[GateTrainingResult]) -> GateTrainingResult:
     """One result from several runs: histories one after another, gates by ``ensemble_gates``."""
     return GateTrainingResult(
-        gates=ensemble_gates([run.gate_history for run in runs]),
+        gates=ensemble_gates([run.gate_history for run in runs], [run.on_target_history for run in runs], runs[0].config.readout),
         gate_history=[gates for run in runs for gates in run.gate_history],
         loss_history=[value for run in runs for value in run.loss_history],
         distill_history=[value for run in runs for value in run.distill_history],
@@ -348,6 +376,7 @@ def _combine_runs(runs: list[GateTrainingResult]) -> GateTrainingResult:
         granularity=runs[0].granularity,
         world_size=runs[0].world_size,
         restarts=len(runs),
+        on_target_history=[flag for run in runs for flag in run.on_target_history],
     )
 
 
@@ -371,7 +400,7 @@ def _train_gate_run(
         progress = tqdm(range(1, config.steps + 1), desc=label, leave=False, disable=setup.rank != 0)
         for step in progress:
             distill, regularizer = run.step(step, budget.lam)
-            history.record(trainer.gates.tolist(), distill, regularizer, budget.lam)
+            history.record(trainer.gates.tolist(), distill, regularizer, budget.lam, run.on_target())
             budget.update(run.budget_direction(), config.lam_damping)
             progress.set_postfix(loss=f"{history.totals[-1]:.4f}")
     return _run_result(history, setup, config, granularity)
@@ -517,6 +546,13 @@ class _GateRun:
             return 0
         return budget_direction(gates.values.detach(), self.n_remove, self.config, self.setup.costs)
 
+    def on_target(self) -> bool:
+        """Whether exactly the target's gates are closed after the step (never without a target or under the hard mask)."""
+        gates = self.trainer.gates
+        if self.n_remove is None or gates.hard_mask is not None:
+            return False
+        return closed_count_direction(gates.values.detach(), self.n_remove, self.config.closed_below, self.setup.costs) == 0
+
 
 @dataclass
 class _BudgetController:
@@ -543,9 +579,11 @@ class _GateHistory:
     distills: list[float] = field(default_factory=list)
     regularizers: list[float] = field(default_factory=list)
     lambdas: list[float] = field(default_factory=list)
+    on_target: list[bool] = field(default_factory=list)
 
-    def record(self, gates: list[float], distill: float, regularizer: float, lam: float) -> None:
+    def record(self, gates: list[float], distill: float, regularizer: float, lam: float, on_target: bool) -> None:
         self.gates.append(gates)
+        self.on_target.append(on_target)
         self.distills.append(distill)
         self.regularizers.append(regularizer)
         self.totals.append(distill + lam * regularizer)
@@ -558,7 +596,7 @@ def _run_result(history: _GateHistory, setup: _GateRunSetup, config: GateConfig,
     if parallel is not None and len({repr(ranked) for ranked in parallel.gather_object((history.gates[-1], history.lambdas))}) > 1:
         raise FoldGPTError("data-parallel gate training: the ranks ended with different gates (a bug; please report it)")
     return GateTrainingResult(
-        gates=history.gates[-1],
+        gates=run_readout(history.gates, history.on_target, config.readout, single=True),
         gate_history=history.gates,
         loss_history=history.totals,
         distill_history=history.distills,
@@ -568,6 +606,7 @@ def _run_result(history: _GateHistory, setup: _GateRunSetup, config: GateConfig,
         config=config,
         granularity=granularity,
         world_size=setup.world,
+        on_target_history=history.on_target,
     )
 
 
@@ -596,6 +635,7 @@ def _details(result: GateTrainingResult) -> dict:
         "hyperparameters": asdict(result.config),
         "world_size": result.world_size,
         "restarts": result.restarts,
+        "on_target_history": result.on_target_history,
     }
 
 

@@ -129,7 +129,10 @@ def settings_for(stage: str, config: CompressConfig) -> dict[str, Any]:
         sections["sharing"] = {key: sections["sharing"][key] for key in ("group_size", "groups")}
     if config.selection.method != "gates":
         del sections["gates"], sections["probe"]
-    elif (probe := config.probe_config()) is not None and config.probes_heal:
+        return sections
+    if config.gates.readout == "final":  # the readout from before the setting: those runs keep their key
+        sections["gates"] = {key: value for key, value in sections["gates"].items() if key != "readout"}
+    if (probe := config.probe_config()) is not None and config.probes_heal:
         sections["probe"] = asdict(probe)
     elif config.screens_only:
         sections["probe"] = {"screen_only": True, "screen": config.probe.screen, "pool": config.probe.pool}
