@@ -229,6 +229,10 @@ class StagedBlocks:
     @torch.no_grad()
     def run_block(self, index: int, hidden: torch.Tensor, batch_shape: Sequence[int]) -> torch.Tensor:
         """Block ``index`` (loaded) on ``hidden``, with the arguments the model's forward gives it."""
+        return self.call_block(index, hidden, batch_shape)
+
+    def call_block(self, index: int, hidden: torch.Tensor, batch_shape: Sequence[int]) -> torch.Tensor:
+        """:meth:`run_block` with autograd on: for fitting a block's own parameters to recorded outputs."""
         args, kwargs = self._arguments[tuple(batch_shape)][index]
         return hidden_of(self.blocks[index](hidden.to(self.device), *args, **kwargs))
 
