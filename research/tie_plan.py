@@ -1,0 +1,160 @@
+"""Does a tie pay at the issue's budgets, before healing? Removal only against removing one block fewer and tying two.
+
+For each target ``k`` (the blocks removal alone takes: 6, 10 and 16 on SmolLM2-135M are ``--target-params`` 0.85,
+0.75 and 0.60), on Block Influence's ranking from the fitting windows:
+
+- ``remove``: the ``k`` lowest-influence blocks removed; ``remove+linear``: the same, with ``--replace linear``'s maps;
+- ``remove+tie``: the ``k - 1`` lowest removed, and the next two blocks of the ranking that have a kept neighbour tied
+  to it (the neighbour before, else after), each with its norms and a rank-``r`` delta fitted by local reconstruction
+  from the SVD (``fit-svd-lora`` of ``research/tie_init.py``, the best initialisation there), fitted on the plan's own
+  stream (its removals and earlier ties in place) to the dense model's stream after the child. Two ties of rank 64 save
+  1.63 blocks, so this plan has *fewer* unique parameters than ``remove``.
+
+Scored by WikiText-2 validation perplexity on windows that skip the fitting windows (as ``tie_init.py``).
+
+    OMP_NUM_THREADS=1 python research/tie_plan.py --targets 6,10,16 --out research/results/tie_plan.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from tie_init import TiedChild, fit_child, linears, truncated, weights_set
+
+from foldgpt.analysis.redundancy import redundancy_stats
+from foldgpt.arch.adapters import adapter_for
+from foldgpt.data.text import load_text
+from foldgpt.data.windows import calibration_starts, calibration_windows, tokenize, windows_avoiding
+from foldgpt.eval.perplexity import windows_perplexity
+from foldgpt.formats.blockwise import ResidentBlocks
+from foldgpt.formats.loading import load_model
+from foldgpt.surgery.config import ReplacementConfig
+from foldgpt.surgery.removal import blocks_removed_temporarily, count_parameters
+from foldgpt.workflows.replace import replace_removed
+
+
+def tie_children(ranking: list[int], removed: set[int], count: int, num_blocks: int) -> list[tuple[int, int]]:
+    """``(parent, child)`` for the next ``count`` blocks of ``ranking`` not removed that have a kept, untied neighbour."""
+    ties: list[tuple[int, int]] = []
+    used: set[int] = set()
+    for child in ranking:
+        if len(ties) == count:
+            break
+        if child in removed or child in used:
+            continue
+        for parent in (child - 1, child + 1):
+            if 0 <= parent < num_blocks and parent not in removed and parent not in used:
+                ties.append((parent, child))
+                used.update((parent, child))
+                break
+    return ties
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--targets", default="6,10,16")
+    parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--fit-windows", type=int, default=32)
+    parser.add_argument("--fit-seqlen", type=int, default=256)
+    parser.add_argument("--fit-steps", type=int, default=150)
+    parser.add_argument("--fit-batch", type=int, default=4)
+    parser.add_argument("--fit-lr", type=float, default=1e-3)
+    parser.add_argument("--eval-seqlen", type=int, default=512)
+    parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    loaded = load_model(args.model)
+    model, adapter = loaded.model, adapter_for(loaded.model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tokens = tokenize(loaded.tokenizer, load_text("wikitext2", "calibration"))
+    fit = calibration_windows(tokens, args.fit_windows, args.fit_seqlen, seed=0)
+    starts = calibration_starts(len(tokens), args.fit_windows, args.fit_seqlen, 0)
+    held_out = windows_avoiding(tokens, args.eval_seqlen, args.eval_tokens, [(s, s + args.fit_seqlen) for s in starts])
+    runner = ResidentBlocks(model)
+    num_blocks = runner.num_blocks
+    influence = redundancy_stats(model, fit).block_influence
+    ranking = sorted(range(num_blocks), key=lambda i: influence[i])
+    dense_params = count_parameters(model)
+    block_params = sum(m.weight.numel() for m in linears(runner.blocks[0]).values())
+    dense = windows_perplexity(model, held_out, progress=False)
+    print(f"dense {dense:.2f}; bi ranking {ranking}", flush=True)
+    saved = {i: {name: m.weight.data.clone() for name, m in linears(block).items()} for i, block in enumerate(runner.blocks)}
+
+    def dense_after(child: int) -> list[torch.Tensor]:
+        """The dense model's stream after ``child`` on each fitting window (taken before any tie changes a block)."""
+        outputs = []
+        for window in fit:
+            hidden = runner.embed(window[None])
+            for index in range(child + 1):
+                hidden = runner.run_block(index, hidden, (1, window.numel()))
+            outputs.append(hidden)
+        return outputs
+
+    def plan_inputs(child: int, removed: set[int]) -> list[torch.Tensor]:
+        """``child``'s input in the plan's model: ``removed`` gone, the ties made so far in place."""
+        inputs = []
+        for window in fit:
+            hidden = runner.embed(window[None])
+            for index in range(child):
+                if index not in removed:
+                    hidden = runner.run_block(index, hidden, (1, window.numel()))
+            inputs.append(hidden)
+        return inputs
+
+    rows = []
+    for k in (int(x) for x in args.targets.split(",")):
+        start = time.perf_counter()
+        removed = sorted(ranking[:k])
+        row: dict = {"k": k, "remove": {"removed": removed}}
+        with blocks_removed_temporarily(model, removed) as pruned:
+            row["remove"]["ppl"] = windows_perplexity(pruned, held_out, progress=False)
+            row["remove"]["params"] = count_parameters(pruned)
+        with ExitStack() as stack:
+            for index in range(num_blocks):
+                stack.enter_context(weights_set(runner.blocks[index], saved[index]))
+            replace_removed(runner, fit, removed, ReplacementConfig("linear"))
+            with blocks_removed_temporarily(model, removed) as pruned:
+                row["remove+linear"] = {"removed": removed, "ppl": windows_perplexity(pruned, held_out, progress=False)}
+        fewer = sorted(ranking[: k - 1])
+        ties = tie_children(ranking, set(fewer), 2, num_blocks)
+        extra = 0
+        targets = {child: dense_after(child) for _, child in ties}  # the tie learns to stand in for removed blocks before it too
+        with ExitStack() as stack:
+            for parent, child in ties:
+                norms = adapter.block_norms(runner.blocks[child])
+                stack.enter_context(weights_set(runner.blocks[child], saved[child]))
+                originals = [{name: p.data.clone() for name, p in norm.named_parameters()} for norm in norms]
+                stack.callback(lambda norms=norms, originals=originals: [
+                    p.data.copy_(values[name]) for norm, values in zip(norms, originals) for name, p in norm.named_parameters()])
+                init = {name: truncated(saved[child][name] - saved[parent][name], args.rank) for name in saved[child]}
+                tied = TiedChild(saved[parent], args.rank, False, init, seed=0)
+                with weights_set(runner.blocks[child], saved[parent]):
+                    fit_child(runner, child, tied, norms, (plan_inputs(child, set(fewer)), targets[child]), args)
+                extra += tied.extra()
+                with torch.no_grad():
+                    for name, module in linears(runner.blocks[child]).items():
+                        module.weight.data.copy_(tied.weights()[name])
+            with blocks_removed_temporarily(model, fewer) as pruned:
+                ppl = windows_perplexity(pruned, held_out, progress=False)
+                params = count_parameters(pruned) - len(ties) * block_params + extra
+        row["remove+tie"] = {"removed": fewer, "ties": ties, "rank": args.rank, "ppl": ppl, "params": params}
+        row["seconds"] = time.perf_counter() - start
+        rows.append(row)
+        print(f"k={k}: remove {row['remove']['ppl']:.2f} ({row['remove']['params']:,}), remove+linear "
+              f"{row['remove+linear']['ppl']:.2f}, remove {k - 1} + tie {ties} {ppl:.2f} ({params:,})", flush=True)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"model": args.model, "settings": vars(args), "dense": dense, "dense_params": dense_params,
+                                   "ranking": ranking, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
