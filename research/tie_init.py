@@ -209,7 +209,7 @@ def main() -> None:
         a, b = (int(x) for x in pair.split(":"))
         start = time.perf_counter()
 
-        def streams(windows: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        def streams(windows: torch.Tensor, b: int = b) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
             inputs, outputs = [], []
             for window in windows:
                 hidden = runner.embed(window[None])
