@@ -24,7 +24,7 @@ from foldgpt.data.config import CalibrationConfig
 from foldgpt.data.windows import load_windows
 from foldgpt.eval.perplexity import perplexity
 from foldgpt.formats.loading import load_model
-from foldgpt.selection.candidates import baseline_sets, candidate_sets, heldout_windows, screen_sets
+from foldgpt.selection.candidates import baseline_sets, candidate_sets, heldout_windows, merged_proposals, screen_sets
 from foldgpt.selection.config import PRUNE_SCREEN, default_calibration
 from foldgpt.selection.gates import closed_count_direction, ensemble_gates
 from foldgpt.surgery.removal import blocks_removed_temporarily
@@ -78,20 +78,8 @@ def main() -> None:
     scores = {readout: readout_scores(record, args.remove, readout) for readout in readouts}
     ties = {readout: candidate_sets(scores[readout], args.remove, config.screen, config.pool) for readout in readouts}
     origins = {readout: "gates" if readout == "final" else f"gates {readout}" for readout in readouts}
-    merged: list[tuple[list[int], list[str]]] = []  # every readout's near-ties in order, then the baselines' sets
-    for readout in readouts:
-        for removed in ties[readout]:
-            match = next((entry for entry in merged if entry[0] == removed), None)
-            if match is None:
-                merged.append((removed, [origins[readout]]))
-            elif origins[readout] not in match[1]:
-                match[1].append(origins[readout])
-    for name, removed in baselines.items():
-        match = next((entry for entry in merged if entry[0] == removed), None)
-        if match is None:
-            merged.append((removed, [name]))
-        else:
-            match[1].append(name)
+    merged = merged_proposals({**{origins[readout]: ties[readout] for readout in readouts},
+                               **{name: [removed] for name, removed in baselines.items()}})
     held_out = heldout_windows(loaded, config, calibration)
     screen_windows = held_out[: config.screen_tokens // held_out.shape[1]]
     screened = screen_sets(loaded, [removed for removed, _ in merged], screen_windows, [origins for _, origins in merged])

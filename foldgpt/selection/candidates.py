@@ -93,9 +93,17 @@ def baseline_sets(model: PreTrainedModel, windows: torch.Tensor, n_remove: int, 
 def merged_candidates(near_ties: list[list[int]], baselines: dict[str, list[int]]) -> list[tuple[list[int], list[str]]]:
     """Every distinct set once, with the names of what proposed it: ``gates`` for the near-ties (in their order), then
     each baseline's set (added to the proposers of an equal near-tie instead of repeated)."""
-    merged: dict[tuple[int, ...], list[str]] = {tuple(removed): ["gates"] for removed in near_ties}
-    for name, removed in baselines.items():
-        merged.setdefault(tuple(sorted(removed)), []).append(name)
+    return merged_proposals({"gates": near_ties, **{name: [removed] for name, removed in baselines.items()}})
+
+
+def merged_proposals(proposals: dict[str, list[list[int]]]) -> list[tuple[list[int], list[str]]]:
+    """Every distinct set once, in the order first proposed, with the names of all that proposed it."""
+    merged: dict[tuple[int, ...], list[str]] = {}
+    for name, sets in proposals.items():
+        for removed in sets:
+            origins = merged.setdefault(tuple(sorted(removed)), [])
+            if name not in origins:
+                origins.append(name)
     return [(list(removed), origins) for removed, origins in merged.items()]
 
 
