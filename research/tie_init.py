@@ -27,6 +27,7 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,7 +38,7 @@ from foldgpt.data.text import load_text
 from foldgpt.data.windows import calibration_starts, calibration_windows, tokenize, windows_avoiding
 from foldgpt.eval.perplexity import windows_perplexity
 from foldgpt.formats.blockwise import ResidentBlocks
-from foldgpt.formats.loading import load_model
+from foldgpt.formats.loading import LoadedModel, load_model
 from foldgpt.surgery.config import ReplacementConfig
 from foldgpt.surgery.removal import blocks_removed_temporarily
 from foldgpt.workflows.replace import replace_removed
@@ -69,7 +70,8 @@ def weights_set(block: nn.Module, weights: dict[str, torch.Tensor]) -> Iterator[
 
 
 @contextmanager
-def norms_saved(block: nn.Module, norms: list[nn.Module]) -> Iterator[None]:
+def norms_saved(norms: list[nn.Module]) -> Iterator[None]:
+    """The norms' parameters restored on exit (the fits train them in place)."""
     saved = [{name: p.data.clone() for name, p in norm.named_parameters()} for norm in norms]
     try:
         yield
@@ -127,9 +129,8 @@ def child_weights(block: nn.Module, child: TiedChild) -> Iterator[None]:
     for index, name in enumerate(child.names):
         module = modules[name]
 
-        def forward(mod: nn.Module, args: tuple, output: torch.Tensor, index: int = index, mod_name: str = name) -> torch.Tensor:
-            bias = mod.bias if mod.bias is not None else None
-            return nn.functional.linear(args[0], child.weight(index), bias)
+        def forward(mod: nn.Module, args: tuple, output: torch.Tensor, index: int = index) -> torch.Tensor:
+            return nn.functional.linear(args[0], child.weight(index), mod.bias)
 
         handles.append(module.register_forward_hook(forward))
     try:
@@ -173,10 +174,21 @@ def fit_child(runner: ResidentBlocks, index: int, child: TiedChild, norms: list[
     return losses
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def dense_streams(runner: ResidentBlocks, windows: torch.Tensor, block: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Block ``block``'s input and output in the model as it is now, one tensor per window."""
+    inputs, outputs = [], []
+    for window in windows:
+        hidden = runner.embed(window[None])
+        for index in range(block):
+            hidden = runner.run_block(index, hidden, (1, window.numel()))
+        inputs.append(hidden)
+        outputs.append(runner.run_block(block, hidden, (1, window.numel())))
+    return inputs, outputs
+
+
+def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, the tie's rank, the fitting and the held-out windows (shared with ``tie_plan.py``)."""
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--pairs", default="12:13,13:14,24:25,4:5")
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--fit-windows", type=int, default=32)
     parser.add_argument("--fit-seqlen", type=int, default=256)
@@ -185,20 +197,43 @@ def main() -> None:
     parser.add_argument("--fit-lr", type=float, default=1e-3)
     parser.add_argument("--eval-seqlen", type=int, default=512)
     parser.add_argument("--eval-tokens", type=int, default=4096)
-    parser.add_argument("--variants", default="delete,delete+linear,tie,tie-average,tie+svd,own-svd,fit-norms,fit-scales,fit-lora,fit-svd-lora")
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
+
+
+@dataclass
+class FitSetup:
+    """The frozen model, its WikiText-2 validation tokens, the fitting windows and the spans they cover, and the
+    held-out windows that skip them."""
+
+    loaded: LoadedModel
+    tokens: torch.Tensor
+    fit: torch.Tensor
+    fit_spans: list[tuple[int, int]]
+    held_out: torch.Tensor
+
+
+def fit_setup(args: argparse.Namespace) -> FitSetup:
     torch.manual_seed(0)
     loaded = load_model(args.model)
-    model, adapter = loaded.model, adapter_for(loaded.model)
-    for p in model.parameters():
+    for p in loaded.model.parameters():
         p.requires_grad_(False)
     tokens = tokenize(loaded.tokenizer, load_text("wikitext2", "calibration"))
     fit = calibration_windows(tokens, args.fit_windows, args.fit_seqlen, seed=0)
-    starts = calibration_starts(len(tokens), args.fit_windows, args.fit_seqlen, 0)
-    held_out = windows_avoiding(tokens, args.eval_seqlen, args.eval_tokens, [(s, s + args.fit_seqlen) for s in starts])
-    local_windows = windows_avoiding(tokens, args.fit_seqlen, 8 * args.fit_seqlen,
-                                     [(s, s + args.fit_seqlen) for s in starts])  # held-out inputs for the local error
+    spans = [(s, s + args.fit_seqlen) for s in calibration_starts(len(tokens), args.fit_windows, args.fit_seqlen, 0)]
+    held_out = windows_avoiding(tokens, args.eval_seqlen, args.eval_tokens, spans)
+    return FitSetup(loaded=loaded, tokens=tokens, fit=fit, fit_spans=spans, held_out=held_out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_fit_arguments(parser)
+    parser.add_argument("--pairs", default="12:13,13:14,24:25,4:5")
+    parser.add_argument("--variants", default="delete,delete+linear,tie,tie-average,tie+svd,own-svd,fit-norms,fit-scales,fit-lora,fit-svd-lora")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    setup = fit_setup(args)
+    fit, held_out = setup.fit, setup.held_out
+    model, adapter = setup.loaded.model, adapter_for(setup.loaded.model)
+    local_windows = windows_avoiding(setup.tokens, args.fit_seqlen, 8 * args.fit_seqlen, setup.fit_spans)  # held-out inputs for the local error
     runner = ResidentBlocks(model)
     dense = windows_perplexity(model, held_out, progress=False)
     print(f"dense {dense:.2f} on {held_out.numel()} held-out tokens", flush=True)
@@ -208,18 +243,7 @@ def main() -> None:
     for pair in args.pairs.split(","):
         a, b = (int(x) for x in pair.split(":"))
         start = time.perf_counter()
-
-        def streams(windows: torch.Tensor, b: int = b) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-            inputs, outputs = [], []
-            for window in windows:
-                hidden = runner.embed(window[None])
-                for index in range(b):
-                    hidden = runner.run_block(index, hidden, (1, window.numel()))
-                inputs.append(hidden)
-                outputs.append(runner.run_block(b, hidden, (1, window.numel())))
-            return inputs, outputs
-
-        fit_data, local_data = streams(fit), streams(local_windows)
+        fit_data, local_data = dense_streams(runner, fit, b), dense_streams(runner, local_windows, b)
         block_a, block_b = runner.blocks[a], runner.blocks[b]
         own = {name: module.weight.data.clone() for name, module in linears(block_b).items()}
         parent = {name: module.weight.data.clone() for name, module in linears(block_a).items()}
@@ -228,7 +252,7 @@ def main() -> None:
         for variant in variants:
             began = time.perf_counter()
             record: dict = {"extra": 0}
-            with norms_saved(block_b, norms), weights_set(block_b, own), weights_set(block_a, parent):
+            with norms_saved(norms), weights_set(block_b, own), weights_set(block_a, parent):
                 if variant == "delete":
                     record["local_error"] = 1.0
                     with blocks_removed_temporarily(model, [b]) as pruned:
@@ -259,7 +283,7 @@ def main() -> None:
                         record["fit_loss"] = [losses[0], losses[-1]]
                         record["extra"] = child.extra()
                         with torch.no_grad():
-                            weights_b = {name: w.detach() for name, w in child.weights().items()}
+                            weights_b = child.weights()
                         weights_a = parent
                     else:  # tie
                         weights_a, weights_b = parent, parent

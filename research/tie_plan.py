@@ -24,15 +24,22 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from tie_init import TiedChild, fit_child, linears, truncated, weights_set
+from tie_init import (
+    TiedChild,
+    add_fit_arguments,
+    dense_streams,
+    fit_child,
+    fit_setup,
+    linears,
+    norms_saved,
+    truncated,
+    weights_set,
+)
 
 from foldgpt.analysis.redundancy import redundancy_stats
 from foldgpt.arch.adapters import adapter_for
-from foldgpt.data.text import load_text
-from foldgpt.data.windows import calibration_starts, calibration_windows, tokenize, windows_avoiding
 from foldgpt.eval.perplexity import windows_perplexity
 from foldgpt.formats.blockwise import ResidentBlocks
-from foldgpt.formats.loading import load_model
 from foldgpt.surgery.config import ReplacementConfig
 from foldgpt.surgery.removal import blocks_removed_temporarily, count_parameters
 from foldgpt.workflows.replace import replace_removed
@@ -57,27 +64,13 @@ def tie_children(ranking: list[int], removed: set[int], count: int, num_blocks: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
+    add_fit_arguments(parser)
     parser.add_argument("--targets", default="6,10,16")
-    parser.add_argument("--rank", type=int, default=64)
-    parser.add_argument("--fit-windows", type=int, default=32)
-    parser.add_argument("--fit-seqlen", type=int, default=256)
-    parser.add_argument("--fit-steps", type=int, default=150)
-    parser.add_argument("--fit-batch", type=int, default=4)
-    parser.add_argument("--fit-lr", type=float, default=1e-3)
-    parser.add_argument("--eval-seqlen", type=int, default=512)
-    parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    loaded = load_model(args.model)
-    model, adapter = loaded.model, adapter_for(loaded.model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    tokens = tokenize(loaded.tokenizer, load_text("wikitext2", "calibration"))
-    fit = calibration_windows(tokens, args.fit_windows, args.fit_seqlen, seed=0)
-    starts = calibration_starts(len(tokens), args.fit_windows, args.fit_seqlen, 0)
-    held_out = windows_avoiding(tokens, args.eval_seqlen, args.eval_tokens, [(s, s + args.fit_seqlen) for s in starts])
+    setup = fit_setup(args)
+    fit, held_out = setup.fit, setup.held_out
+    model, adapter = setup.loaded.model, adapter_for(setup.loaded.model)
     runner = ResidentBlocks(model)
     num_blocks = runner.num_blocks
     influence = redundancy_stats(model, fit).block_influence
@@ -87,16 +80,6 @@ def main() -> None:
     dense = windows_perplexity(model, held_out, progress=False)
     print(f"dense {dense:.2f}; bi ranking {ranking}", flush=True)
     saved = {i: {name: m.weight.data.clone() for name, m in linears(block).items()} for i, block in enumerate(runner.blocks)}
-
-    def dense_after(child: int) -> list[torch.Tensor]:
-        """The dense model's stream after ``child`` on each fitting window (taken before any tie changes a block)."""
-        outputs = []
-        for window in fit:
-            hidden = runner.embed(window[None])
-            for index in range(child + 1):
-                hidden = runner.run_block(index, hidden, (1, window.numel()))
-            outputs.append(hidden)
-        return outputs
 
     def plan_inputs(child: int, removed: set[int]) -> list[torch.Tensor]:
         """``child``'s input in the plan's model: ``removed`` gone, the ties made so far in place."""
@@ -126,22 +109,23 @@ def main() -> None:
         fewer = sorted(ranking[: k - 1])
         ties = tie_children(ranking, set(fewer), 2, num_blocks)
         extra = 0
-        targets = {child: dense_after(child) for _, child in ties}  # the tie learns to stand in for removed blocks before it too
+        # the dense stream after each child, taken before any tie changes a block: the tie learns to stand in for
+        # removed blocks before it too
+        targets = {child: dense_streams(runner, fit, child)[1] for _, child in ties}
         with ExitStack() as stack:
             for parent, child in ties:
                 norms = adapter.block_norms(runner.blocks[child])
                 stack.enter_context(weights_set(runner.blocks[child], saved[child]))
-                originals = [{name: p.data.clone() for name, p in norm.named_parameters()} for norm in norms]
-                stack.callback(lambda norms=norms, originals=originals: [
-                    p.data.copy_(values[name]) for norm, values in zip(norms, originals) for name, p in norm.named_parameters()])
+                stack.enter_context(norms_saved(norms))
                 init = {name: truncated(saved[child][name] - saved[parent][name], args.rank) for name in saved[child]}
                 tied = TiedChild(saved[parent], args.rank, False, init, seed=0)
                 with weights_set(runner.blocks[child], saved[parent]):
                     fit_child(runner, child, tied, norms, (plan_inputs(child, set(fewer)), targets[child]), args)
                 extra += tied.extra()
                 with torch.no_grad():
+                    weights = tied.weights()
                     for name, module in linears(runner.blocks[child]).items():
-                        module.weight.data.copy_(tied.weights()[name])
+                        module.weight.data.copy_(weights[name])
             with blocks_removed_temporarily(model, fewer) as pruned:
                 ppl = windows_perplexity(pruned, held_out, progress=False)
                 params = count_parameters(pruned) - len(ties) * block_params + extra
