@@ -26,7 +26,7 @@ from foldgpt.data.text import load_text
 from foldgpt.data.windows import evaluation_windows, tokenize
 from foldgpt.eval.perplexity import windows_perplexity
 from foldgpt.formats.loading import load_model
-from foldgpt.selection.candidates import heldout_windows
+from foldgpt.selection.candidates import heldout_windows, screen_sets
 from foldgpt.selection.config import PRUNE_SCREEN, default_calibration
 from foldgpt.surgery.removal import blocks_removed_temporarily
 
@@ -67,9 +67,8 @@ def main() -> None:
     screen = held_out[: config.screen_tokens // held_out.shape[1]]
     short = screen.reshape(-1, 512)
     screened = [entry for entry in record["screened"] if set(entry["origin"]) - {"gates on-target"}]
-    for entry in screened:
-        with blocks_removed_temporarily(loaded.model, entry["removed"]) as student:
-            entry["ppl_512"] = windows_perplexity(student, short, progress=False)
+    for entry, short_record in zip(screened, screen_sets(loaded, [entry["removed"] for entry in screened], short)):
+        entry["ppl_512"] = short_record["ppl_before"]
         print(f"{entry['removed']} {'+'.join(entry['origin'])}: 1024 {entry['ppl_before']:.2f} 512 {entry['ppl_512']:.2f}",
               flush=True)
     picks = {**baseline_picks(record), **rule_picks(screened)}
