@@ -14,13 +14,13 @@ The Python API mirrors the CLI::
     foldgpt.compress("smollm2-135m", "runs/main", gate_steps=40, heal={"steps": 50})  # the whole pipeline, resumable
 
 The names are imported on first use (PEP 562), so ``import foldgpt`` and ``foldgpt --help`` stay fast; nothing in
-the package imports this module back.
+the package imports this module back. Type checkers and editors read the names from ``__init__.pyi``.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from foldgpt._version import __version__
 
@@ -103,25 +103,3 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return __all__
 
-
-if TYPE_CHECKING:
-    from foldgpt.analysis.redundancy import RedundancyStats, redundancy_stats
-    from foldgpt.data.config import CalibrationConfig
-    from foldgpt.errors import FoldGPTError
-    from foldgpt.eval.efficiency import EfficiencyReport, measure_efficiency
-    from foldgpt.eval.lm_tasks import TaskResults, evaluate_tasks
-    from foldgpt.eval.perplexity import PerplexityResult, perplexity
-    from foldgpt.formats.loading import LoadedModel, load_model
-    from foldgpt.formats.plain import export_plain
-    from foldgpt.healing.config import HealConfig
-    from foldgpt.healing.loop import HealResult, heal
-    from foldgpt.selection.config import PRUNE_SCREEN, GateConfig, ProbeConfig
-    from foldgpt.surgery.config import ReplacementConfig
-    from foldgpt.surgery.removal import remove_blocks
-    from foldgpt.workflows.analyze import analyze
-    from foldgpt.workflows.compress import compress
-    from foldgpt.workflows.config import CompressConfig
-    from foldgpt.workflows.fold import FoldResult, fold_model
-    from foldgpt.workflows.prune import PruneResult, prune
-
-    load = load_model

@@ -5,6 +5,7 @@ the package importing its top-level ``foldgpt/__init__.py`` back."""
 from __future__ import annotations
 
 import ast
+import importlib
 import subprocess
 import sys
 import time
@@ -72,6 +73,20 @@ def test_every_public_name_of_the_package_resolves():
 
     for name in foldgpt.__all__:
         assert getattr(foldgpt, name) is not None, name
+
+
+def test_the_type_stub_declares_every_lazy_export_from_its_module():
+    """``__init__.pyi`` is what editors and type checkers see of the lazy exports: it must name each of them, from
+    the module ``__getattr__`` imports it from."""
+    import foldgpt
+
+    stub = ast.parse((PACKAGE / "__init__.pyi").read_text())
+    imported = {alias.asname or alias.name: node.module for node in stub.body if isinstance(node, ast.ImportFrom)
+                for alias in node.names}
+    assigned = {target.id for node in stub.body if isinstance(node, ast.Assign) for target in node.targets}
+    assert sorted({*imported, *assigned}) == sorted(foldgpt.__all__)
+    for name, module in imported.items():
+        assert getattr(importlib.import_module(module), name) is getattr(foldgpt, name), name
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["prune", "--help"], ["compress", "--help"]])
