@@ -13,7 +13,7 @@ from foldgpt.eval.config import EvalConfig
 from foldgpt.formats.config import GgufConfig, ModelConfig, OffloadConfig
 from foldgpt.healing.config import HealConfig
 from foldgpt.selection.config import GATE_CALIBRATION_WINDOWS, PRUNE_SCREEN, GateConfig, ProbeConfig, SelectionConfig
-from foldgpt.surgery.config import RemovalTarget, ReplacementConfig, SharingConfig
+from foldgpt.surgery.config import RemovalTarget, ReplacementConfig, SharingConfig, TieConfig
 
 MODEL = "model"
 CALIBRATION = "calibration data"
@@ -58,6 +58,8 @@ class EvalSettings:
 class FoldSettings:
     loading: ModelConfig = section(ModelConfig, title=MODEL, exclude=("device_map",), help="the (pruned) model to fold")
     sharing: SharingConfig = section(SharingConfig, title="grouped sharing", help="the groups and their parents")
+    ties: TieConfig = section(TieConfig, title="ties (instead of groups)",
+                              help="neighbouring kept blocks tied with a fitted low-rank delta")
 
 
 @dataclass(frozen=True)

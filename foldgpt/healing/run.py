@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from foldgpt.arch.adapters import adapter_for
-from foldgpt.core.outputs import check_output_free
+from foldgpt.core.outputs import check_output_free, read_metadata
 from foldgpt.errors import FoldGPTError
 from foldgpt.formats.loading import LoadedModel
 from foldgpt.healing.config import HealConfig
@@ -18,6 +18,7 @@ from foldgpt.healing.data import WindowSchedule, healing_windows
 from foldgpt.healing.lora import add_lora
 from foldgpt.healing.teacher import Teacher
 from foldgpt.surgery.sublayers import refuse_removed_sublayers
+from foldgpt.surgery.ties import tie_record
 from foldgpt.train.lora import trainable_parameters
 from foldgpt.train.parallel import DataParallel
 
@@ -144,7 +145,8 @@ def _spread_over_devices(model: nn.Module) -> bool:
 
 def _check_models(student: LoadedModel, teacher: LoadedModel, config: HealConfig) -> None:
     """Refuse students that already carry adapters, a teacher that is the student, and too many tail layers."""
-    if hasattr(student.model, "peft_config") or hasattr(student.model, "get_base_model"):
+    tied = read_metadata(student.source).get("stage") == "fold" and tie_record(student.model) is not None
+    if (hasattr(student.model, "peft_config") or hasattr(student.model, "get_base_model")) and not tied:
         raise FoldGPTError(
             f"'{student.source}' is already healed (it has a LoRA adapter); heal the folded or pruned folder it came from, "
             "or export it with --plain first"

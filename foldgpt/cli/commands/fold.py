@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 from foldgpt.cli.commands.common import load
 from foldgpt.cli.schema import read_config
 from foldgpt.cli.settings import FoldSettings
-from foldgpt.core.outputs import check_output_free
+from foldgpt.core.outputs import check_output_free, read_metadata
+from foldgpt.errors import FoldGPTError
 from foldgpt.formats.plain import folder_weight_bytes
-from foldgpt.workflows.fold import fold_model
+from foldgpt.workflows.fold import FoldResult, fold_model, tie_model
 
 
 def run(args: argparse.Namespace) -> None:
     settings: FoldSettings = read_config(args, FoldSettings())
     check_output_free(Path(args.out), args.overwrite)
     sharing = settings.sharing
-    result = fold_model(load(settings.loading), group_size=sharing.group_size, groups=sharing.groups, parent=sharing.parent,
-                        out=args.out, overwrite=args.overwrite)
+    if settings.ties.ties is not None:
+        result = _tie(settings, args)
+    else:
+        result = fold_model(load(settings.loading), group_size=sharing.group_size, groups=sharing.groups,
+                            parent=sharing.parent, out=args.out, overwrite=args.overwrite)
     report = result.report
     print(f"{'group':<12}{'parent':>7}{'unique':>14}{'materialised':>14}")
     for group in report.per_group:
@@ -26,3 +31,16 @@ def run(args: argparse.Namespace) -> None:
         print(f"{span:<12}{group['parent']:>7}{group['unique']:>14,}{group['materialised']:>14,}")
     print(f"parameters: {report.unique:,} unique, {report.materialised:,} materialised (compression {report.compression:.2f}x); "
           f"weights on disk {folder_weight_bytes(args.out) / 2**20:.1f} MiB; wrote {args.out}")
+
+
+def _tie(settings: FoldSettings, args: argparse.Namespace) -> FoldResult:
+    """Ties against the dense model: the one a pruned folder came from (its ``foldgpt.json``), else the model itself."""
+    if settings.sharing.group_size is not None or settings.sharing.groups is not None:
+        raise FoldGPTError("give either --ties or --group-size/--groups, not both")
+    student = load(settings.loading)
+    dense = read_metadata(student.source).get("source_model") if read_metadata(student.source).get("stage") == "prune" else None
+    teacher = load(replace(settings.loading, model=dense)) if dense else load(settings.loading)
+    result = tie_model(student, teacher, settings.ties, out=args.out, overwrite=args.overwrite)
+    for fit in result.metadata["tie_fits"]:
+        print(f"tie at position {fit['child']}: local error {fit['losses'][0]:.3f} -> {fit['losses'][-1]:.3f}")
+    return result
