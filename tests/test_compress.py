@@ -12,7 +12,7 @@ from foldgpt.cli.main import main
 from foldgpt.core.manifest import verify
 from foldgpt.errors import FoldGPTError
 from foldgpt.workflows.compress import compress_config, settings_for
-from tiny import DEPTH, save_tiny
+from tiny import DEPTH, identity_block_model, save_tiny, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -268,3 +268,51 @@ def test_the_pipeline_replaces_the_removed_blocks_when_asked(tiny_folder, text_f
     foldgpt.compress(str(tiny_folder), tmp_path / "run", **options)
     meta = json.loads((tmp_path / "run" / "pruned" / "foldgpt.json").read_text())
     assert meta["replacement"]["windows"] == 4 and meta["replacement"]["spans"]
+
+
+def test_fold_auto_meets_the_budget_heals_the_ties_and_exports_them(tiny_folder, text_file, tmp_path):
+    options = {**quick_options(text_file), "method": "bi", "group_size": 1, "fold": "auto", "tie_rank": 2, "tie_data": str(text_file), "tie_fit_windows": 2, "tie_fit_seqlen": 32,
+               "tie_fit_steps": 5, "tie_check_tokens": 128, "tie_check_seqlen": 32}
+    summary = foldgpt.compress(str(tiny_folder), tmp_path / "run", **options)
+    folded = json.loads((tmp_path / "run" / "folded" / "foldgpt.json").read_text())
+    remove, ties = folded["fold_candidates"]
+    assert ties["unique_parameters"] <= remove["unique_parameters"] == summary["parameters"]["pruned"]
+    assert len(ties["removed"]) == len(remove["removed"]) - 1 and ties["ties"]
+    assert folded["fold_choice"] == min((remove, ties), key=lambda c: c["perplexity"])["name"]
+    assert summary["parameters"]["shared_base"] == folded["parameters"]["unique"]
+    healed = foldgpt.load(str(tmp_path / "run" / "healed"))
+    plain = AutoModelForCausalLM.from_pretrained(summary["plain_model"]).eval()
+    ids = torch.randint(3, 100, (1, 16))
+    with torch.no_grad():
+        assert torch.allclose(plain(ids).logits, healed.model(ids).logits, atol=1e-5)
+    assert keyed("folded", {"fold": "off"}) == keyed("folded", {})  # runs from before --fold keep their keys
+    assert "ties" in keyed("folded", {"fold": "auto"})
+
+
+def test_fold_auto_keeps_removal_only_where_every_tie_loses(tmp_path, text_file):
+    # blocks 1 and 4 add nothing, so removing them is exact; the rest is trained on the text, so that the tie
+    # candidate (one of them kept, two blocks that matter tied with an unfitted rank-1 delta) can only be worse
+    model = identity_block_model([1, 4])
+    ids = tiny_tokenizer()(text_file.read_text()[:2000], return_tensors="pt").input_ids.view(-1, 50)[:8]
+    trained = [p for name, p in model.named_parameters() if not any(f"layers.{i}." in name for i in (1, 4))]
+    optimiser = torch.optim.Adam(trained, lr=1e-2)
+    for _ in range(40):
+        optimiser.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        optimiser.step()
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    options = {**quick_options(text_file), "method": "bi", "group_size": 1, "fold": "auto", "tie_rank": 1,
+               "tie_data": str(text_file), "tie_fit_windows": 2, "tie_fit_seqlen": 32, "tie_fit_steps": 0,
+               "tie_check_tokens": 128, "tie_check_seqlen": 32, "heal_steps": 0}
+    summary = foldgpt.compress(str(tmp_path / "m"), tmp_path / "run", **options)
+    folded = json.loads((tmp_path / "run" / "folded" / "foldgpt.json").read_text())
+    assert summary["removed_blocks"] == [1, 4]
+    assert folded["fold_choice"] == "remove" and len(folded["fold_candidates"]) == 2
+    assert folded["fold_candidates"][1]["perplexity"] > folded["fold_candidates"][0]["perplexity"]
+    assert not (tmp_path / "run" / "folded" / "adapter").exists()
+
+
+def test_fold_auto_refuses_explicit_groups():
+    with pytest.raises(FoldGPTError, match="--fold auto plans its own ties"):
+        compress_config({"fold": "auto", "group_size": 2}, "test")

@@ -12,6 +12,8 @@ TARGET_FIELDS = ("remove", "remove_ratio", "target_params", "target_flops")
 
 Parent = Literal["first", "middle", "largest-gate"]
 PARENTS = get_args(Parent)
+FoldMode = Literal["off", "auto"]
+FOLD_MODES = get_args(FoldMode)
 
 
 @dataclass(frozen=True)
@@ -46,9 +48,18 @@ class SharingConfig:
     parent: Parent = setting("first", help="which block of a group lends its weights: first, middle, or largest-gate (the "
                              "block whose learned gate stayed most open; the model must come from 'foldgpt prune --method gates')")
 
+    fold: FoldMode = setting("off", help="compress only. off: the groups above; auto: removal only against removing one "
+                             "block fewer and tying kept neighbours with fitted deltas at the same unique parameters "
+                             "(the --tie-* settings), the lower perplexity on held-out --tie-data text written "
+                             "(docs/results/fold-vs-remove.md)")
+
     def __post_init__(self) -> None:
         if self.group_size is not None and self.group_size < 1:
             raise FoldGPTError(f"--group-size {self.group_size} is out of range; use 1 (no sharing) or more")
+        if self.fold not in FOLD_MODES:
+            raise FoldGPTError(f"unknown --fold '{self.fold}'; choose one of {', '.join(FOLD_MODES)}")
+        if self.fold == "auto" and ((self.group_size or 1) > 1 or self.groups):
+            raise FoldGPTError("--fold auto plans its own ties; drop --group-size/--groups (or use --fold off)")
 
 
 Replace = Literal["none", "linear"]
@@ -105,3 +116,40 @@ class ReplacementConfig:
             raise FoldGPTError("--replace-cosine-steps must be 0 or more and --replace-cosine-lr above 0")
         if not self.ridge >= 0:
             raise FoldGPTError(f"--replace-ridge {self.ridge} is out of range; use 0 or more, e.g. 1e-4")
+
+
+@dataclass(frozen=True)
+class TieConfig:
+    """Ties (``foldgpt.surgery.ties``): which kept blocks run a neighbour's weights, and how their deltas are fitted.
+
+    Defaults from docs/results/tie-init.md (SmolLM2-135M): a rank-64 delta started from the SVD and fitted by local
+    reconstruction on the plan's own stream was the best tie of those measured; 32 x 256 windows, 150 Adam steps of 4.
+    """
+
+    ties: str | None = setting(None, metavar="SPEC", help="PARENT:CHILD pairs of neighbouring kept blocks, in the "
+                               "original model's indices, e.g. '11:12,16:15': the child runs the parent's linear "
+                               "weights plus a low-rank delta and its own norms")
+    rank: int = setting(64, flag="--tie-rank", metavar="R", help="rank of each tied child's delta (a LoRA adapter on "
+                        "each of its projections, stored unmerged and trained further by healing)")
+    data: str = setting("wikitext2", flag="--tie-data", metavar="DATA", help="the text the ties are fitted on "
+                        "(a named data set's calibration split, or a .txt/.jsonl/.json file)")
+    fit_windows: int = setting(32, flag="--tie-fit-windows", metavar="N", help="windows of {data} the deltas and norms "
+                               "are fitted on")
+    fit_seqlen: int = setting(256, flag="--tie-fit-seqlen", metavar="N", help="tokens per fitting window")
+    fit_steps: int = setting(150, flag="--tie-fit-steps", metavar="N", help="Adam steps of each tie's local fit, 0 = the SVD start only")
+    fit_batch: int = setting(4, flag="--tie-fit-batch", metavar="N", help="windows per fitting step")
+    fit_lr: float = setting(1e-3, flag="--tie-fit-lr", metavar="X", help="Adam's learning rate of the local fit")
+    seed: int = setting(0, flag="--tie-seed", help="seed of the fitting windows and their order")
+    check_tokens: int = setting(8192, flag="--tie-check-tokens", metavar="N", help="with --fold auto: tokens of {data} "
+                                "that no fitting window overlaps, on which removal only and the tie candidate are compared")
+    check_seqlen: int = setting(1024, flag="--tie-check-seqlen", metavar="N", help="with --fold auto: tokens per window "
+                                "of that comparison")
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise FoldGPTError(f"--tie-rank {self.rank} is out of range; use 1 or more, e.g. 64")
+        if self.check_tokens < 1 or self.check_seqlen < 2:
+            raise FoldGPTError("--tie-check-tokens must be 1 or more and --tie-check-seqlen 2 or more")
+        if self.fit_windows < 1 or self.fit_seqlen < 2 or self.fit_batch < 1 or self.fit_steps < 0 or not self.fit_lr > 0:
+            raise FoldGPTError("the tie fit needs --tie-fit-windows >= 1, --tie-fit-seqlen >= 2, --tie-fit-batch >= 1, "
+                               "--tie-fit-steps >= 0 and --tie-fit-lr > 0")

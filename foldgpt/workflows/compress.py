@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from foldgpt.analysis.redundancy import write_analysis
-from foldgpt.core.outputs import METADATA_FILE, atomic_output_dir, write_json_atomic
+from foldgpt.core.outputs import METADATA_FILE, atomic_output_dir, read_metadata, write_json_atomic
 from foldgpt.core.settings import from_mapping, nest, to_mapping
 from foldgpt.errors import FoldGPTError
 from foldgpt.eval.config import EvalConfig
@@ -41,6 +41,7 @@ from foldgpt.surgery.budget import blocks_to_remove_with_sharing
 from foldgpt.workflows.analyze import analyze
 from foldgpt.workflows.config import CompressConfig
 from foldgpt.workflows.fold import fold_model
+from foldgpt.workflows.fold_plan import fold_auto
 from foldgpt.workflows.prune import prune
 from foldgpt.workflows.report import write_report
 
@@ -56,7 +57,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "dense": ("loading", "eval"),
     "analysis": ("loading", "calibration"),
     "pruned": ("loading", "calibration", "selection", "target", "replacement", "gates", "probe", "sharing"),
-    "folded": ("sharing",),
+    "folded": ("sharing", "ties"),
     "healed": ("heal",),
     "final": ("eval",),
     "plain": (),
@@ -119,6 +120,9 @@ def settings_for(stage: str, config: CompressConfig) -> dict[str, Any]:
     heal's data, window length and seed they heal with), the screen's size and pool when it screens alone, else nothing.
     """
     sections = {name: to_mapping(getattr(config, name), excluded(name)) for name in STAGE_SECTIONS[stage]}
+    if "sharing" in sections and config.sharing.fold == "off":  # runs from before --fold keep their keys
+        sections["sharing"] = {key: value for key, value in sections["sharing"].items() if key != "fold"}
+        sections.pop("ties", None)
     if stage != "pruned":
         return sections
     if config.replacement.replace == "none":  # plain removal: runs from before the setting keep their key
@@ -193,7 +197,7 @@ def run_pipeline(config: CompressConfig, out: str | Path, overwrite: bool = Fals
     dense = run_stage(out, "dense", config, "", lambda folder: _evaluate_into(folder, dense_model(), config.eval))
     analysis = run_stage(out, "analysis", config, "", lambda folder: _analyze_into(folder, dense_model(), config))
     pruned = run_stage(out, "pruned", config, "", lambda folder: _prune_into(folder, config))
-    folded = run_stage(out, "folded", config, pruned.key, lambda folder: _fold_into(folder, pruned.folder, config))
+    folded = run_stage(out, "folded", config, pruned.key, lambda folder: _fold_into(folder, pruned.folder, config, dense_model))
     last = folded
     if config.heals:
         checkpoint = out / f".healed-{folded.key[:12]}.checkpoint"
@@ -276,8 +280,14 @@ def _prune_into(folder: Path, config: CompressConfig) -> dict:
     return {"removed": result.metadata["removed"]}
 
 
-def _fold_into(folder: Path, pruned: Path, config: CompressConfig) -> dict:
+def _fold_into(folder: Path, pruned: Path, config: CompressConfig, dense_model: Callable[[], LoadedModel]) -> dict:
     sharing = config.sharing
+    if sharing.fold == "auto":
+        removed = read_metadata(pruned)["removed"]
+        fresh = load_model(config.loading.model, dtype=config.loading.dtype, device=config.loading.device,
+                           trust_remote_code=config.loading.trust_remote_code)
+        chosen = fold_auto(_load(pruned, config), dense_model(), fresh, removed, config.ties, out=folder, overwrite=True)
+        return {"parameters": chosen.report.to_dict(), "fold_choice": chosen.metadata["fold_choice"]}
     result = fold_model(_load(pruned, config), group_size=None if sharing.groups else sharing.group_size,
                         groups=sharing.groups, parent=sharing.parent)
     with atomic_output_dir(folder, overwrite=True) as tmp:

@@ -20,7 +20,7 @@ from foldgpt.selection.config import (
     ProbeConfig,
     SelectionConfig,
 )
-from foldgpt.surgery.config import RemovalTarget, ReplacementConfig, SharingConfig
+from foldgpt.surgery.config import RemovalTarget, ReplacementConfig, SharingConfig, TieConfig
 
 COMPRESS_TASKS = ("piqa", "arc_easy", "arc_challenge", "boolq", "winogrande")
 COMPRESS_TASK_LIMIT = 100
@@ -63,6 +63,8 @@ class CompressConfig:
                                      help="grouped sharing of the kept blocks (group size 1, none, chosen by measurement: "
                                      "on SmolLM2-135M a shared model stays unusable after a CPU-sized healing budget, see "
                                      "README; use 2 with a GPU-sized budget, as the FoldGPT paper does)")
+    ties: TieConfig = section(TieConfig, title="ties (--fold auto)", exclude=("ties",),
+                              help="how --fold auto fits and compares its tie candidate")
     heal: HealConfig = section(HealConfig, prefix="heal-", title="healing (the settings of 'foldgpt heal')",
                                help="LoRA distillation healing from the dense model")
     eval: EvalConfig = section(compress_evaluation, title="evaluation (dense and final model)",

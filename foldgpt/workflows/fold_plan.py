@@ -1,0 +1,98 @@
+"""``--fold auto``: removal only, against removing one block fewer and tying kept neighbours, chosen on held-out text.
+
+At a parameter budget, removal alone takes ``k`` blocks. The tie candidate keeps the removed block of highest Block
+Influence, removes the other ``k - 1``, and ties as few kept neighbours (the most redundant first, by Block
+Influence) as the budget needs; each tie is fitted by local reconstruction (``foldgpt.healing.ties``). Both
+candidates are scored by perplexity on windows of the fitting text that no fitting window overlaps, and the lower
+one is written, so ``auto`` is never worse than removal only on the text it scores. docs/results/tie-init.md has
+the measurements behind the construction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from foldgpt.analysis.redundancy import redundancy_stats
+from foldgpt.arch.adapters import adapter_for
+from foldgpt.core.outputs import atomic_output_dir
+from foldgpt.data.text import load_text
+from foldgpt.data.windows import calibration_starts, calibration_windows, tokenize, windows_avoiding
+from foldgpt.errors import FoldGPTError
+from foldgpt.eval.perplexity import windows_perplexity
+from foldgpt.formats.compact import save_compact
+from foldgpt.formats.loading import LoadedModel
+from foldgpt.healing.save import save_healed
+from foldgpt.surgery.config import TieConfig
+from foldgpt.surgery.removal import count_parameters, remove_blocks
+from foldgpt.surgery.ties import tie_candidates, tie_saving
+from foldgpt.workflows.fold import FoldResult, fold_model, tie_model
+
+
+def tie_plan_for_budget(dense: torch.nn.Module, removed: Sequence[int], influence: Sequence[float], rank: int,
+                        budget: int) -> tuple[list[int], tuple[tuple[int, int], ...]] | None:
+    """The tie candidate of a removal: ``removed`` less its block of highest influence, and the fewest ties (most
+    redundant kept blocks first) that bring the unique parameters to ``budget`` or below; None if none does."""
+    if not removed:
+        return None
+    layers = adapter_for(dense).layers(dense)
+    num_blocks = len(layers)
+    restored = max(removed, key=lambda index: influence[index])
+    fewer = sorted(set(removed) - {restored})
+    ranking = sorted(range(num_blocks), key=lambda index: influence[index])
+    base = count_parameters(dense) - sum(count_parameters(layers[index]) for index in fewer)
+    for count in range(1, num_blocks):
+        ties = tie_candidates(ranking, fewer, count, num_blocks)
+        if len(ties) < count:
+            return None
+        if base - sum(tie_saving(layers[child], rank) for _, child in ties) <= budget:
+            return fewer, ties
+    return None
+
+
+def fold_auto(pruned: LoadedModel, dense: LoadedModel, fresh: LoadedModel, removed: Sequence[int], config: TieConfig,
+              out: str | Path | None = None, overwrite: bool = False) -> FoldResult:
+    """Write the better of removal only (``pruned``, which removed ``removed`` from ``dense``) and its tie candidate
+    (built on ``fresh``, a second copy of the dense model) at ``pruned``'s unique parameters; both scores are in
+    ``foldgpt.json`` under ``fold_candidates``."""
+    if fresh.model is dense.model:
+        raise FoldGPTError("fold_auto needs a second copy of the dense model to build the tie candidate on")
+    tokens = tokenize(dense.tokenizer, load_text(config.data, "calibration"))
+    windows = calibration_windows(tokens, config.fit_windows, config.fit_seqlen, config.seed)
+    spans = [(s, s + config.fit_seqlen) for s in calibration_starts(len(tokens), config.fit_windows, config.fit_seqlen, config.seed)]
+    held_out = windows_avoiding(tokens, config.check_seqlen, config.check_tokens, spans)
+    if len(held_out) == 0:
+        raise FoldGPTError(f"--tie-data '{config.data}' has no text left beside the fitting windows; use a longer text "
+                           "or fewer --tie-fit-windows")
+    budget = count_parameters(pruned.model)
+    influence = redundancy_stats(dense.model, windows).block_influence
+    candidates: list[dict[str, Any]] = [{"name": "remove", "removed": sorted(removed), "ties": [], "unique_parameters": budget,
+                   "perplexity": windows_perplexity(pruned.model, held_out, progress=False)}]
+    plan = tie_plan_for_budget(dense.model, removed, influence, config.rank, budget)
+    tied = None
+    if plan is not None:
+        fewer, ties = plan
+        remove_blocks(fresh.model, fewer)
+        spec = ",".join(f"{parent}:{child}" for parent, child in ties)
+        tied = tie_model(fresh, dense, replace(config, ties=spec), removed=fewer)
+        candidates.append({"name": "ties", "removed": fewer, "ties": [list(tie) for tie in ties],
+                           "unique_parameters": tied.report.unique,
+                           "perplexity": windows_perplexity(tied.loaded.model, held_out, progress=False)})
+    best = min(candidates, key=lambda candidate: candidate["perplexity"])
+    scored = {"fold_candidates": candidates, "fold_choice": best["name"], "fold_check_tokens": int(held_out.numel())}
+    if best["name"] == "remove":
+        result = fold_model(pruned, group_size=1)
+        result.metadata.update(scored)
+        if out is not None:
+            with atomic_output_dir(Path(out), overwrite) as folder:
+                save_compact(result.loaded.model, result.loaded.tokenizer, folder, result.metadata)
+        return result
+    assert tied is not None
+    tied.metadata.update(scored)
+    if out is not None:
+        tied.loaded = save_healed(tied.loaded, Path(out), tied.metadata, overwrite=overwrite)
+    return tied
