@@ -7,6 +7,7 @@ The Python API mirrors the CLI::
     stats = foldgpt.analyze(loaded)                      # Block Influence, similarity, angular distance
     foldgpt.prune(loaded, method="bi", remove=6, out="runs/bi6")
     folded = foldgpt.fold_model(foldgpt.load("runs/bi6"), group_size=2, out="runs/bi6-g2")  # compact folder
+    tied = foldgpt.tie_model(foldgpt.load("runs/bi6"), loaded, foldgpt.TieConfig(ties="11:12"), out="runs/bi6-t")
     foldgpt.export_plain(foldgpt.load("runs/bi6-g2"), "runs/bi6-g2-plain")                 # vanilla HF folder
     foldgpt.perplexity(loaded.model, loaded.tokenizer, "wikitext2", seqlen=1024, max_tokens=8192)
     foldgpt.evaluate_tasks(loaded.model, loaded.tokenizer, ["piqa", "arc_easy"], limit=100)  # lm-eval, offline
@@ -41,10 +42,12 @@ _EXPORTS = {
     "RedundancyStats": "foldgpt.analysis.redundancy",
     "ReplacementConfig": "foldgpt.surgery.config",
     "TaskResults": "foldgpt.eval.lm_tasks",
+    "TieConfig": "foldgpt.surgery.config",
     "analyze": "foldgpt.workflows.analyze",
     "compress": "foldgpt.workflows.compress",
     "evaluate_tasks": "foldgpt.eval.lm_tasks",
     "export_plain": "foldgpt.formats.plain",
+    "fold_auto": "foldgpt.workflows.fold_plan",
     "fold_model": "foldgpt.workflows.fold",
     "heal": "foldgpt.healing.loop",
     "load_model": "foldgpt.formats.loading",
@@ -53,6 +56,7 @@ _EXPORTS = {
     "prune": "foldgpt.workflows.prune",
     "redundancy_stats": "foldgpt.analysis.redundancy",
     "remove_blocks": "foldgpt.surgery.removal",
+    "tie_model": "foldgpt.workflows.fold",
 }
 _ALIASES = {"load": "load_model"}
 """``foldgpt.load(DIR)``: any MODEL the CLI takes, including compact (folded or healed) folders."""
@@ -74,11 +78,13 @@ __all__ = [
     "RedundancyStats",
     "ReplacementConfig",
     "TaskResults",
+    "TieConfig",
     "__version__",
     "analyze",
     "compress",
     "evaluate_tasks",
     "export_plain",
+    "fold_auto",
     "fold_model",
     "heal",
     "load",
@@ -88,6 +94,7 @@ __all__ = [
     "prune",
     "redundancy_stats",
     "remove_blocks",
+    "tie_model",
 ]
 
 

@@ -21,12 +21,15 @@ from foldgpt.selection.config import PRUNE_SCREEN as PRUNE_SCREEN
 from foldgpt.selection.config import GateConfig as GateConfig
 from foldgpt.selection.config import ProbeConfig as ProbeConfig
 from foldgpt.surgery.config import ReplacementConfig as ReplacementConfig
+from foldgpt.surgery.config import TieConfig as TieConfig
 from foldgpt.surgery.removal import remove_blocks as remove_blocks
 from foldgpt.workflows.analyze import analyze as analyze
 from foldgpt.workflows.compress import compress as compress
 from foldgpt.workflows.config import CompressConfig as CompressConfig
 from foldgpt.workflows.fold import FoldResult as FoldResult
 from foldgpt.workflows.fold import fold_model as fold_model
+from foldgpt.workflows.fold import tie_model as tie_model
+from foldgpt.workflows.fold_plan import fold_auto as fold_auto
 from foldgpt.workflows.prune import PruneResult as PruneResult
 from foldgpt.workflows.prune import prune as prune
 
