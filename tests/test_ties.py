@@ -139,6 +139,14 @@ def test_cli_fold_ties_a_pruned_folder_against_the_model_it_came_from(text, tmp_
     assert main(["fold", str(tmp_path / "pruned"), "--ties", f"{pair[0]}:{pair[1]}", "--group-size", "2",
                  "--out", str(tmp_path / "both")]) == 2
     assert not (tmp_path / "both").exists()
+    assert main(["fold", str(tmp_path / "pruned"), "--fold", "auto", "--tie-rank", "2", "--tie-data", text,
+                 "--tie-fit-windows", "2", "--tie-fit-seqlen", "16", "--tie-fit-steps", "3", "--tie-check-tokens", "64",
+                 "--tie-check-seqlen", "16", "--out", str(tmp_path / "auto")]) == 0
+    printed = capsys.readouterr().out
+    assert "remove " in printed and "kept: " in printed
+    chosen = json.loads((tmp_path / "auto" / "foldgpt.json").read_text())
+    assert chosen["fold_choice"] in ("remove", "ties") and len(chosen["fold_candidates"]) == 2
+    assert main(["fold", str(dense), "--fold", "auto", "--out", str(tmp_path / "dense-auto")]) == 2
 
 
 def _removed(folder) -> list[int]:

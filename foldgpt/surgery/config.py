@@ -48,7 +48,7 @@ class SharingConfig:
     parent: Parent = setting("first", help="which block of a group lends its weights: first, middle, or largest-gate (the "
                              "block whose learned gate stayed most open; the model must come from 'foldgpt prune --method gates')")
 
-    fold: FoldMode = setting("off", help="compress only. off: the groups above; auto: removal only against removing one "
+    fold: FoldMode = setting("off", help="off: the groups above; auto (on a pruned folder): its removal against removing one "
                              "block fewer and tying kept neighbours with fitted deltas at the same unique parameters "
                              "(the --tie-* settings), the lower perplexity on held-out --tie-data text written "
                              "(docs/results/fold-vs-remove.md)")

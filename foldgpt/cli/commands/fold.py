@@ -13,13 +13,16 @@ from foldgpt.core.outputs import check_output_free, read_metadata
 from foldgpt.errors import FoldGPTError
 from foldgpt.formats.plain import folder_weight_bytes
 from foldgpt.workflows.fold import FoldResult, fold_model, tie_model
+from foldgpt.workflows.fold_plan import fold_auto
 
 
 def run(args: argparse.Namespace) -> None:
     settings: FoldSettings = read_config(args, FoldSettings())
     check_output_free(Path(args.out), args.overwrite)
     sharing = settings.sharing
-    if settings.ties.ties is not None:
+    if settings.sharing.fold == "auto":
+        result = _auto(settings, args)
+    elif settings.ties.ties is not None:
         result = _tie(settings, args)
     else:
         result = fold_model(load(settings.loading), group_size=sharing.group_size, groups=sharing.groups,
@@ -43,4 +46,22 @@ def _tie(settings: FoldSettings, args: argparse.Namespace) -> FoldResult:
     result = tie_model(student, teacher, settings.ties, out=args.out, overwrite=args.overwrite)
     for fit in result.metadata["tie_fits"]:
         print(f"tie at position {fit['child']}: local error {fit['losses'][0]:.3f} -> {fit['losses'][-1]:.3f}")
+    return result
+
+
+def _auto(settings: FoldSettings, args: argparse.Namespace) -> FoldResult:
+    """``--fold auto`` on a pruned folder: its removal against the tie candidate, built from the model it came from."""
+    if settings.ties.ties is not None:
+        raise FoldGPTError("--fold auto plans its own ties; drop --ties (or give --ties without --fold auto)")
+    student = load(settings.loading)
+    metadata = read_metadata(student.source)
+    if metadata.get("stage") != "prune":
+        raise FoldGPTError(f"--fold auto needs a folder written by 'foldgpt prune'; '{student.source}' is not one")
+    dense = replace(settings.loading, model=metadata["source_model"])
+    result = fold_auto(student, load(dense), load(dense), metadata["removed"], settings.ties, out=args.out,
+                       overwrite=args.overwrite)
+    for candidate in result.metadata["fold_candidates"]:
+        print(f"{candidate['name']:<8} removed {candidate['removed']} ties {candidate['ties']}: "
+              f"{candidate['unique_parameters']:,} unique parameters, held-out perplexity {candidate['perplexity']:.2f}")
+    print(f"kept: {result.metadata['fold_choice']}")
     return result
