@@ -89,7 +89,9 @@ def test_removed_and_folded_models_export_with_the_kept_blocks_only(tmp_path, ca
     folder = save_family(tmp_path / "dense", "llama")
     assert main(["prune", str(folder), "--blocks", "1,3", "--out", str(tmp_path / "pruned")]) == 0
     assert main(["fold", str(tmp_path / "pruned"), "--group-size", "2", "--out", str(tmp_path / "folded")]) == 0
-    for name in ("pruned", "folded"):
+    assert main(["fold", str(tmp_path / "pruned"), "--ties", "4:5", "--tie-rank", "2", "--tie-fit-steps", "0",
+                 "--out", str(tmp_path / "tied")]) == 0  # a tie's delta is merged into its position
+    for name in ("pruned", "folded", "tied"):
         reference = logits_of(load_model(str(tmp_path / name)).model, ids())
         out = tmp_path / f"{name}.gguf"
         assert main(["export", str(tmp_path / name), "--gguf", str(out), "--type", "f32"]) == 0
