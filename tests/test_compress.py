@@ -279,6 +279,9 @@ def test_fold_auto_meets_the_budget_heals_the_ties_and_exports_them(tiny_folder,
     assert ties["unique_parameters"] <= remove["unique_parameters"] == summary["parameters"]["pruned"]
     assert len(ties["removed"]) == len(remove["removed"]) - 1 and ties["ties"]
     assert folded["fold_choice"] == min((remove, ties), key=lambda c: c["perplexity"])["name"]
+    chosen = remove if folded["fold_choice"] == "remove" else ties
+    written = {id(p): p for p in foldgpt.load(str(tmp_path / "run" / "folded")).model.parameters()}  # deltas included
+    assert sum(p.numel() for p in written.values()) == chosen["unique_parameters"]
     assert summary["parameters"]["shared_base"] == folded["parameters"]["unique"]
     healed = foldgpt.load(str(tmp_path / "run" / "healed"))
     plain = AutoModelForCausalLM.from_pretrained(summary["plain_model"]).eval()
