@@ -9,7 +9,10 @@ variant:
 - ``remove``: the ``k`` lowest-influence blocks removed, then healed;
 - ``linear``: the same blocks removed with ``--replace linear``'s maps folded in, then healed;
 - ``tie``: ``k - 1`` removed and two ties fitted as in ``tie_plan.py``; the tie's delta is merged into the child's
-  weights and frozen while healing (the product would train it as the child's LoRA, so this is the tie's lower bound).
+  weights and frozen while healing;
+- ``product`` / ``product-trained``: the same plan built by ``foldgpt.tie_model`` (the delta a LoRA adapter on the
+  shared weights) and healed by ``foldgpt heal`` with the deltas frozen (the default) or trained at the heal's rate
+  (``--heal-train-tie-deltas``).
 
 Scored before and after healing on validation text only (choosing, not testing): WikiText-2 validation in windows of
 1,024 that skip the fitting windows, and the first 16,384 tokens of PTB validation in windows of 1,024.
@@ -37,8 +40,9 @@ from foldgpt.formats.blockwise import ResidentBlocks
 from foldgpt.formats.loading import LoadedModel, load_model
 from foldgpt.healing.config import HealConfig
 from foldgpt.healing.loop import heal
-from foldgpt.surgery.config import ReplacementConfig
+from foldgpt.surgery.config import ReplacementConfig, TieConfig
 from foldgpt.surgery.removal import count_parameters, remove_blocks
+from foldgpt.workflows.fold import tie_model
 from foldgpt.workflows.replace import replace_removed
 
 
@@ -70,6 +74,24 @@ def fit_ties(student: LoadedModel, teacher: ResidentBlocks, fit: torch.Tensor, r
     return extra
 
 
+def product_row(args: argparse.Namespace, dense: LoadedModel, ranking: list[int], k: int, num_blocks: int,
+                texts: dict[str, torch.Tensor], variant: str) -> dict:
+    """The tie plan through the product: ``tie_model`` into a folder, then ``heal`` of that folder."""
+    removed = sorted(ranking[: k - 1])
+    ties = tie_children(ranking, set(removed), 2, num_blocks)
+    student = load_model(args.model)
+    remove_blocks(student.model, removed)
+    folder = Path(args.work) / f"k{k}-{variant}"
+    spec = ",".join(f"{parent}:{child}" for parent, child in ties)
+    tie_model(student, dense, TieConfig(ties=spec, rank=args.rank), out=folder, overwrite=True, removed=removed)
+    tied = load_model(str(folder))
+    row = {"removed": removed, "ties": ties, "before": scores(tied.model, texts),
+           "unique_params": sum(p.numel() for p in {id(p): p for p in tied.model.parameters()}.values())}
+    config = HealConfig(seed=args.heal_seed, steps=args.heal_steps, train_tie_deltas=variant == "product-trained")
+    row["after"] = scores(heal(tied, dense, config).loaded.model, texts)
+    return row
+
+
 def scores(model: torch.nn.Module, texts: dict[str, torch.Tensor]) -> dict[str, float]:
     with torch.no_grad():
         return {name: windows_perplexity(model, windows, progress=False) for name, windows in texts.items()}
@@ -82,6 +104,7 @@ def main() -> None:
     parser.add_argument("--variants", default="remove,tie,linear")
     parser.add_argument("--heal-seed", type=int, default=0)
     parser.add_argument("--heal-steps", type=int, default=HealConfig().steps)
+    parser.add_argument("--work", default="runs/tie_heal")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     setup = fit_setup(args)
@@ -110,6 +133,13 @@ def main() -> None:
             for p in student.model.parameters():
                 p.requires_grad_(False)
             row: dict = {"k": k, "variant": variant}
+            if variant.startswith("product"):
+                row.update(product_row(args, dense, ranking, k, num_blocks, texts, variant))
+                row["seconds"] = time.perf_counter() - start
+                print(f"k={k} {variant}: before {row['before']} after {row['after']} ({row['seconds']:.0f}s)", flush=True)
+                record["rows"].append(row)
+                out.write_text(json.dumps(record, indent=2, default=str) + "\n")
+                continue
             if variant == "tie":
                 removed = sorted(ranking[: k - 1])
                 ties = tie_children(ranking, set(removed), 2, num_blocks)

@@ -2,6 +2,7 @@
 unmerged, trained on by healing, merged by the plain export; bad plans get one-line errors."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -74,7 +75,7 @@ def test_a_tie_saves_what_the_folder_counts_and_the_local_fit_lowers_its_error(t
     assert fit["losses"][-1] < 0.9 * fit["losses"][0]
 
 
-def test_healing_carries_the_deltas_at_their_rank_and_trains_them(text, tmp_path):
+def test_healing_carries_the_deltas_at_their_rank_frozen_unless_asked(text, tmp_path):
     folder = tmp_path / "tied"
     tie_model(tiny(), tiny(), TieConfig(ties="2:3", rank=6, fit_steps=0, data=text), out=folder)
     student = load_model(str(folder))
@@ -85,10 +86,15 @@ def test_healing_carries_the_deltas_at_their_rank_and_trains_them(text, tmp_path
     shapes = {name: tuple(p.shape) for name, p in wrapped.named_parameters() if name.endswith("q_proj.lora_A.default.weight")}
     assert shapes["base_model.model.model.layers.3.self_attn.q_proj.lora_A.default.weight"] == (6, 32)
     assert shapes["base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"] == (2, 32)
+    delta = "base_model.model.model.layers.3.self_attn.q_proj.lora_A.default.weight"
+    fitted = dict(student.model.named_parameters())[delta].detach().clone()
     config = HealConfig(data=text, steps=2, seqlen=24, eval_windows=1, lora_rank=2, tail_layers=1)
+    trained = heal(load_model(str(folder)), tiny(), replace(config, train_tie_deltas=True)).loaded.model
+    assert not torch.equal(dict(trained.named_parameters())[delta], fitted)
     healed = heal(student, tiny(), config, out=tmp_path / "healed")
     after = logits(healed.loaded.model, ids)
     assert not torch.allclose(after, tied)
+    assert torch.equal(dict(healed.loaded.model.named_parameters())[delta], fitted)  # frozen by default
     export_plain(load_model(str(tmp_path / "healed")), tmp_path / "plain")
     vanilla = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", attn_implementation="eager").eval()
     torch.testing.assert_close(logits(vanilla, ids), after, atol=1e-4, rtol=1e-4)

@@ -65,6 +65,9 @@ class HealConfig:
                                                      help="comma-separated linear layers of each block to adapt, e.g. "
                                                      "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj for Llama")
     train_norms: bool = setting(True, help="train the per-block norms too (off: LoRA only)")
+    train_tie_deltas: bool = setting(False, help="a tied model (fold --ties, --fold auto): train the children's fitted "
+                                     "deltas too, at the heal's learning rate (off: they stay as the local fit left "
+                                     "them; docs/results/fold-vs-remove.md)")
     kl_weight: float = setting(1.0, help="weight of KL(teacher || student, T) on logits, 0 = off")
     temperature: float = setting(1.0, help="KL temperature T")
     tail_weight: float = setting(1.0, help="weight of the tail-layer loss (relative MSE of the last k block outputs), 0 = off")

@@ -22,8 +22,8 @@ def add_lora(model: Any, config: HealConfig) -> nn.Module:
     norms trainable (``config.train_norms``). Returns the peft model.
 
     A tied model (``foldgpt fold --ties``) arrives as a peft model holding its children's deltas: they are carried
-    into the new adapter at their own rank and scale (``rank_pattern``, ``alpha_pattern``), so healing trains them on
-    from where the local fit left them.
+    into the new adapter at their own rank and scale (``rank_pattern``, ``alpha_pattern``), frozen unless
+    ``config.train_tie_deltas`` (trained at the heal's rate they undid the local fit on SmolLM2).
     """
     from peft import LoraConfig, get_peft_model  # noqa: PLC0415
 
@@ -55,6 +55,7 @@ def add_lora(model: Any, config: HealConfig) -> nn.Module:
         with torch.no_grad():
             for name, value in carried.items():
                 parameters[name].copy_(value)
+                parameters[name].requires_grad_(config.train_tie_deltas)
     if config.train_norms:
         for parameter in norm_parameters(model):
             parameter.requires_grad_(True)
