@@ -93,7 +93,7 @@ def measure(name: str, folder: Path, seed: int, dense: LoadedModel, args: argpar
 
 def plot(record: dict, path: Path) -> None:
     figure, axis = plt.subplots(figsize=(6, 4))
-    for variant, marker in (("bi", "o"), ("gates", "s"), ("auto", "^")):
+    for variant, marker in (("bi", "o"), ("gates", "s"), ("auto", "^"), ("auto-trained", "v")):
         rows = [row for row in record["rows"] if row["variant"] == variant]
         if rows:
             axis.scatter([r["unique_parameters"] / 1e6 for r in rows], [r["after"]["wikitext2"] for r in rows],
@@ -113,6 +113,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--gates", action="append", default=[], metavar="F=BLOCKS",
                         help="the gates' removal at target F, e.g. 0.75=3,4,5,6,7,12,13,14,25,26")
+    parser.add_argument("--variants", default="bi,gates,auto", help="which of the variants to heal and score")
     parser.add_argument("--max-tokens", type=int, default=16384)
     parser.add_argument("--tasks", action="store_true")
     parser.add_argument("--limit", type=int, default=200)
@@ -126,6 +127,8 @@ def main() -> None:
     dense = load_model(args.model)
     for target in (float(t) for t in args.targets.split(",")):
         for name, folder in students(args, target).items():
+            if name not in args.variants.split(","):
+                continue
             for seed in (int(s) for s in args.seeds.split(",")):
                 if (target, name, seed) in done:
                     continue
