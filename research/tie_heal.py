@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 from tie_init import TiedChild, add_fit_arguments, dense_streams, fit_child, fit_setup, linears, truncated
-from tie_plan import tie_children
+from tie_plan import plan_inputs
 
 from foldgpt.analysis.redundancy import redundancy_stats
 from foldgpt.arch.adapters import adapter_for
@@ -42,26 +42,20 @@ from foldgpt.healing.config import HealConfig
 from foldgpt.healing.loop import heal
 from foldgpt.surgery.config import ReplacementConfig, TieConfig
 from foldgpt.surgery.removal import count_parameters, remove_blocks
+from foldgpt.surgery.ties import tie_candidates
 from foldgpt.workflows.fold import tie_model
 from foldgpt.workflows.replace import replace_removed
 
 
 def fit_ties(student: LoadedModel, teacher: ResidentBlocks, fit: torch.Tensor, removed: list[int],
-             ties: list[tuple[int, int]], args: argparse.Namespace) -> int:
+             ties: tuple[tuple[int, int], ...], args: argparse.Namespace) -> int:
     """Fit each tie's norms and rank-``r`` delta on the plan's own stream, merge it into the child; the extra count."""
     runner = ResidentBlocks(student.model)
     adapter = adapter_for(student.model)
     extra = 0
     for parent, child in ties:
         targets = dense_streams(teacher, fit, child)[1]
-        inputs = []
-        with torch.no_grad():
-            for window in fit:
-                hidden = runner.embed(window[None])
-                for index in range(child):
-                    if index not in removed:
-                        hidden = runner.run_block(index, hidden, (1, window.numel()))
-                inputs.append(hidden)
+        inputs = plan_inputs(runner, fit, child, set(removed))
         shared = {name: module.weight.data.clone() for name, module in linears(runner.blocks[parent]).items()}
         own = {name: module.weight.data.clone() for name, module in linears(runner.blocks[child]).items()}
         init = {name: truncated(own[name] - shared[name], args.rank) for name in own}
@@ -78,7 +72,7 @@ def product_row(args: argparse.Namespace, dense: LoadedModel, ranking: list[int]
                 texts: dict[str, torch.Tensor], variant: str) -> dict:
     """The tie plan through the product: ``tie_model`` into a folder, then ``heal`` of that folder."""
     removed = sorted(ranking[: k - 1])
-    ties = tie_children(ranking, set(removed), 2, num_blocks)
+    ties = tie_candidates(ranking, removed, 2, num_blocks)
     student = load_model(args.model)
     remove_blocks(student.model, removed)
     folder = Path(args.work) / f"k{k}-{variant}"
@@ -142,7 +136,7 @@ def main() -> None:
                 continue
             if variant == "tie":
                 removed = sorted(ranking[: k - 1])
-                ties = tie_children(ranking, set(removed), 2, num_blocks)
+                ties = tie_candidates(ranking, removed, 2, num_blocks)
                 extra = fit_ties(student, teacher, setup.fit, removed, ties, args)
                 row["ties"] = ties
             else:

@@ -42,24 +42,20 @@ from foldgpt.eval.perplexity import windows_perplexity
 from foldgpt.formats.blockwise import ResidentBlocks
 from foldgpt.surgery.config import ReplacementConfig
 from foldgpt.surgery.removal import blocks_removed_temporarily, count_parameters
+from foldgpt.surgery.ties import tie_candidates
 from foldgpt.workflows.replace import replace_removed
 
 
-def tie_children(ranking: list[int], removed: set[int], count: int, num_blocks: int) -> list[tuple[int, int]]:
-    """``(parent, child)`` for the next ``count`` blocks of ``ranking`` not removed that have a kept, untied neighbour."""
-    ties: list[tuple[int, int]] = []
-    used: set[int] = set()
-    for child in ranking:
-        if len(ties) == count:
-            break
-        if child in removed or child in used:
-            continue
-        for parent in (child - 1, child + 1):
-            if 0 <= parent < num_blocks and parent not in removed and parent not in used:
-                ties.append((parent, child))
-                used.update((parent, child))
-                break
-    return ties
+def plan_inputs(runner: ResidentBlocks, windows: torch.Tensor, child: int, removed: set[int]) -> list[torch.Tensor]:
+    """``child``'s input in the plan's model, one tensor per window: ``removed`` skipped, the ties made so far in place."""
+    inputs = []
+    for window in windows:
+        hidden = runner.embed(window[None])
+        for index in range(child):
+            if index not in removed:
+                hidden = runner.run_block(index, hidden, (1, window.numel()))
+        inputs.append(hidden)
+    return inputs
 
 
 def main() -> None:
@@ -81,17 +77,6 @@ def main() -> None:
     print(f"dense {dense:.2f}; bi ranking {ranking}", flush=True)
     saved = {i: {name: m.weight.data.clone() for name, m in linears(block).items()} for i, block in enumerate(runner.blocks)}
 
-    def plan_inputs(child: int, removed: set[int]) -> list[torch.Tensor]:
-        """``child``'s input in the plan's model: ``removed`` gone, the ties made so far in place."""
-        inputs = []
-        for window in fit:
-            hidden = runner.embed(window[None])
-            for index in range(child):
-                if index not in removed:
-                    hidden = runner.run_block(index, hidden, (1, window.numel()))
-            inputs.append(hidden)
-        return inputs
-
     rows = []
     for k in (int(x) for x in args.targets.split(",")):
         start = time.perf_counter()
@@ -107,7 +92,7 @@ def main() -> None:
             with blocks_removed_temporarily(model, removed) as pruned:
                 row["remove+linear"] = {"removed": removed, "ppl": windows_perplexity(pruned, held_out, progress=False)}
         fewer = sorted(ranking[: k - 1])
-        ties = tie_children(ranking, set(fewer), 2, num_blocks)
+        ties = tie_candidates(ranking, fewer, 2, num_blocks)
         extra = 0
         # the dense stream after each child, taken before any tie changes a block: the tie learns to stand in for
         # removed blocks before it too
@@ -120,7 +105,7 @@ def main() -> None:
                 init = {name: truncated(saved[child][name] - saved[parent][name], args.rank) for name in saved[child]}
                 tied = TiedChild(saved[parent], args.rank, False, init, seed=0)
                 with weights_set(runner.blocks[child], saved[parent]):
-                    fit_child(runner, child, tied, norms, (plan_inputs(child, set(fewer)), targets[child]), args)
+                    fit_child(runner, child, tied, norms, (plan_inputs(runner, fit, child, set(fewer)), targets[child]), args)
                 extra += tied.extra()
                 with torch.no_grad():
                     weights = tied.weights()

@@ -41,7 +41,8 @@ def _tie(settings: FoldSettings, args: argparse.Namespace) -> FoldResult:
     if settings.sharing.group_size is not None or settings.sharing.groups is not None:
         raise FoldGPTError("give either --ties or --group-size/--groups, not both")
     student = load(settings.loading)
-    dense = read_metadata(student.source).get("source_model") if read_metadata(student.source).get("stage") == "prune" else None
+    metadata = read_metadata(student.source)
+    dense = metadata.get("source_model") if metadata.get("stage") == "prune" else None
     teacher = load(replace(settings.loading, model=dense)) if dense else load(settings.loading)
     result = tie_model(student, teacher, settings.ties, out=args.out, overwrite=args.overwrite)
     for fit in result.metadata["tie_fits"]:
