@@ -10,7 +10,10 @@ from transformers import AutoModelForCausalLM
 import foldgpt
 from foldgpt.cli.main import main
 from foldgpt.core.manifest import verify
+from foldgpt.data.text import load_text
+from foldgpt.data.windows import calibration_starts, tokenize, windows_avoiding
 from foldgpt.errors import FoldGPTError
+from foldgpt.eval.perplexity import windows_perplexity
 from foldgpt.workflows.compress import compress_config, settings_for
 from tiny import DEPTH, identity_block_model, save_tiny, tiny_tokenizer
 
@@ -278,8 +281,15 @@ def test_fold_auto_meets_the_budget_heals_the_ties_and_exports_them(tiny_folder,
     remove, ties = folded["fold_candidates"]
     assert ties["unique_parameters"] <= remove["unique_parameters"] == summary["parameters"]["pruned"]
     assert len(ties["removed"]) == len(remove["removed"]) - 1 and ties["ties"]
-    assert folded["fold_choice"] == min((remove, ties), key=lambda c: c["perplexity"])["name"]
+    # the candidates are judged after a probe heal that is the heal that follows: the healed stage scores the same
+    assert folded["fold_judged"] == "after a probe heal" and folded["fold_probe"]["steps"] == 2
+    assert folded["fold_choice"] == min((remove, ties), key=lambda c: c["perplexity_healed"])["name"]
     chosen = remove if folded["fold_choice"] == "remove" else ties
+    tokens = tokenize(foldgpt.load(str(tmp_path / "run" / "healed")).tokenizer, load_text(str(text_file), "calibration"))
+    spans = [(s, s + 32) for s in calibration_starts(len(tokens), 2, 32, 0)]
+    held_out = windows_avoiding(tokens, 32, 128, spans)
+    healed_ppl = windows_perplexity(foldgpt.load(str(tmp_path / "run" / "healed")).model, held_out, progress=False)
+    assert healed_ppl == pytest.approx(chosen["perplexity_healed"], rel=1e-4)
     written = {id(p): p for p in foldgpt.load(str(tmp_path / "run" / "folded")).model.parameters()}  # deltas included
     assert sum(p.numel() for p in written.values()) == chosen["unique_parameters"]
     assert summary["parameters"]["shared_base"] == folded["parameters"]["unique"]
@@ -290,6 +300,10 @@ def test_fold_auto_meets_the_budget_heals_the_ties_and_exports_them(tiny_folder,
         assert torch.allclose(plain(ids).logits, healed.model(ids).logits, atol=1e-5)
     assert keyed("folded", {"fold": "off"}) == keyed("folded", {})  # runs from before --fold keep their keys
     assert "ties" in keyed("folded", {"fold": "auto"})
+    assert keyed("folded", {"fold": "auto"})["fold_probe"]["steps"] == 25  # the heal's whole budget by default
+    assert keyed("folded", {"fold": "auto", "tie_probe_steps": 5})["fold_probe"]["steps"] == 5
+    assert "fold_probe" not in keyed("folded", {"fold": "auto", "heal_steps": 0})
+    assert "fold_probe" not in keyed("folded", {"fold": "auto", "tie_probe_steps": 0})
 
 
 def test_fold_auto_keeps_removal_only_where_every_tie_loses(tmp_path, text_file):
@@ -312,6 +326,7 @@ def test_fold_auto_keeps_removal_only_where_every_tie_loses(tmp_path, text_file)
     folded = json.loads((tmp_path / "run" / "folded" / "foldgpt.json").read_text())
     assert summary["removed_blocks"] == [1, 4]
     assert folded["fold_choice"] == "remove" and len(folded["fold_candidates"]) == 2
+    assert folded["fold_judged"] == "unhealed"  # the pipeline does not heal, so neither does the comparison
     assert folded["fold_candidates"][1]["perplexity"] > folded["fold_candidates"][0]["perplexity"]
     assert not (tmp_path / "run" / "folded" / "adapter").exists()
 

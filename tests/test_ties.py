@@ -147,7 +147,7 @@ def test_cli_fold_ties_a_pruned_folder_against_the_model_it_came_from(text, tmp_
     assert not (tmp_path / "both").exists()
     assert main(["fold", str(tmp_path / "pruned"), "--fold", "auto", "--tie-rank", "2", "--tie-data", text,
                  "--tie-fit-windows", "2", "--tie-fit-seqlen", "16", "--tie-fit-steps", "3", "--tie-check-tokens", "64",
-                 "--tie-check-seqlen", "16", "--out", str(tmp_path / "auto")]) == 0
+                 "--tie-check-seqlen", "16", "--tie-probe-steps", "0", "--out", str(tmp_path / "auto")]) == 0
     printed = capsys.readouterr().out
     assert "remove " in printed and "kept: " in printed
     chosen = json.loads((tmp_path / "auto" / "foldgpt.json").read_text())

@@ -124,6 +124,8 @@ class TieConfig:
 
     Defaults from docs/results/tie-init.md (SmolLM2-135M): a rank-64 delta started from the SVD and fitted by local
     reconstruction on the plan's own stream was the best tie of those measured; 32 x 256 windows, 150 Adam steps of 4.
+    ``--fold auto`` compares its candidates after healing them (``probe_steps``): before healing the ties led removal by
+    38% at -25% parameters and lost to it after the heal (docs/results/fold-vs-remove.md).
     """
 
     ties: str | None = setting(None, metavar="SPEC", help="PARENT:CHILD pairs of neighbouring kept blocks, in the "
@@ -144,10 +146,19 @@ class TieConfig:
                                 "that no fitting window overlaps, on which removal only and the tie candidate are compared")
     check_seqlen: int = setting(1024, flag="--tie-check-seqlen", metavar="N", help="with --fold auto: tokens per window "
                                 "of that comparison")
+    probe_steps: int | None = setting(None, flag="--tie-probe-steps", metavar="N",
+                                      none_means="the heal's whole budget (compress) or 25 steps (fold)",
+                                      help="with --fold auto: heal each candidate for N steps before the comparison, as "
+                                      "the heal that follows will (compress: its data, window length, rate and seed; "
+                                      "fold: foldgpt heal's defaults), so that the kept one is the one that heals best; "
+                                      "0 = compare them unhealed (ties lead before healing and can lose after it: "
+                                      "docs/results/fold-vs-remove.md)")
 
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise FoldGPTError(f"--tie-rank {self.rank} is out of range; use 1 or more, e.g. 64")
+        if self.probe_steps is not None and self.probe_steps < 0:
+            raise FoldGPTError(f"--tie-probe-steps {self.probe_steps} is out of range; use 0 (compare unhealed) or more")
         if self.check_tokens < 1 or self.check_seqlen < 2:
             raise FoldGPTError("--tie-check-tokens must be 1 or more and --tie-check-seqlen 2 or more")
         if self.fit_windows < 1 or self.fit_seqlen < 2 or self.fit_batch < 1 or self.fit_steps < 0 or not self.fit_lr > 0:

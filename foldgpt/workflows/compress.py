@@ -115,7 +115,8 @@ class StageResult:
 def settings_for(stage: str, config: CompressConfig) -> dict[str, Any]:
     """The sections of ``config`` that ``stage`` depends on, as plain data (hashed into its key).
 
-    The removal ("pruned") depends on the sharing only through ``--target-params`` (and then not on the parent), on
+    ``--fold auto``'s choice ("folded") depends on the heal when it probes with it. The removal ("pruned") depends on
+    the sharing only through ``--target-params`` (and then not on the parent), on
     the gates only when they choose, and on the probe only as far as it runs: all of it when probes heal (with the
     heal's data, window length and seed they heal with), the screen's size and pool when it screens alone, else nothing.
     """
@@ -123,6 +124,8 @@ def settings_for(stage: str, config: CompressConfig) -> dict[str, Any]:
     if "sharing" in sections and config.sharing.fold == "off":  # runs from before --fold keep their keys
         sections["sharing"] = {key: value for key, value in sections["sharing"].items() if key != "fold"}
         sections.pop("ties", None)
+    elif "ties" in sections and (fold_probe := config.fold_probe()) is not None:  # it heals as the heal will
+        sections["fold_probe"] = asdict(fold_probe)
     if stage != "pruned":
         return sections
     if config.replacement.replace == "none":  # plain removal: runs from before the setting keep their key
@@ -286,7 +289,8 @@ def _fold_into(folder: Path, pruned: Path, config: CompressConfig, dense_model: 
         removed = read_metadata(pruned)["removed"]
         fresh = load_model(config.loading.model, dtype=config.loading.dtype, device=config.loading.device,
                            trust_remote_code=config.loading.trust_remote_code)
-        chosen = fold_auto(_load(pruned, config), dense_model(), fresh, removed, config.ties, out=folder, overwrite=True)
+        chosen = fold_auto(_load(pruned, config), dense_model(), fresh, removed, config.ties, out=folder, overwrite=True,
+                           probe=config.fold_probe())
         return {"parameters": chosen.report.to_dict(), "fold_choice": chosen.metadata["fold_choice"]}
     result = fold_model(_load(pruned, config), group_size=None if sharing.groups else sharing.group_size,
                         groups=sharing.groups, parent=sharing.parent)

@@ -98,6 +98,15 @@ class CompressConfig:
         A pipeline that heals with ``--gate-probe-sets 0`` keeps the gates' own pick."""
         return self.selection.method == "gates" and not self.heals and self.probe.screen > 0
 
+    def fold_probe(self) -> HealConfig | None:
+        """The heal ``--fold auto`` gives each candidate before comparing them (None: compared unhealed): the heal that
+        follows, for ``--tie-probe-steps`` steps (default its whole budget); none when the pipeline does not heal."""
+        if self.sharing.fold != "auto" or not self.heals or self.ties.probe_steps == 0:
+            return None
+        if self.ties.probe_steps is None:
+            return self.heal
+        return replace(self.heal, steps=self.ties.probe_steps, tokens=None)
+
     def probe_config(self) -> ProbeConfig | None:
         """The probe the removal runs (None: the method's own pick): scored on the calibration text, healing as the
         heal that follows will (a screen alone heals nothing, so it keeps the probe's own window length)."""

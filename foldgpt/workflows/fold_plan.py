@@ -3,15 +3,18 @@
 At a parameter budget, removal alone takes ``k`` blocks. The tie candidate keeps the removed block of highest Block
 Influence, removes the other ``k - 1``, and ties as few kept neighbours (the most redundant first, by Block
 Influence) as the budget needs; each tie is fitted by local reconstruction (``foldgpt.healing.ties``). Both
-candidates are scored by perplexity on windows of the fitting text that no fitting window overlaps, and the lower
-one is written, so ``auto`` is never worse than removal only on the text it scores. docs/results/tie-init.md has
-the measurements behind the construction.
+candidates are healed briefly, as the heal that follows will heal them, and scored by perplexity on windows of the
+fitting text that no fitting window overlaps; the lower one is written, so ``auto`` is never worse than removal only,
+after that heal, on the text it scores. docs/results/tie-init.md and fold-vs-remove.md have the measurements behind
+the construction.
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Sequence
-from dataclasses import replace
+from copy import deepcopy as copy_module
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,8 @@ from foldgpt.errors import FoldGPTError
 from foldgpt.eval.perplexity import windows_perplexity
 from foldgpt.formats.compact import save_compact
 from foldgpt.formats.loading import LoadedModel
+from foldgpt.healing.config import HealConfig
+from foldgpt.healing.loop import heal
 from foldgpt.healing.save import save_healed
 from foldgpt.surgery.config import TieConfig
 from foldgpt.surgery.removal import count_parameters, remove_blocks
@@ -55,10 +60,14 @@ def tie_plan_for_budget(dense: torch.nn.Module, removed: Sequence[int], influenc
 
 
 def fold_auto(pruned: LoadedModel, dense: LoadedModel, fresh: LoadedModel, removed: Sequence[int], config: TieConfig,
-              out: str | Path | None = None, overwrite: bool = False) -> FoldResult:
+              out: str | Path | None = None, overwrite: bool = False, probe: HealConfig | None = None) -> FoldResult:
     """Write the better of removal only (``pruned``, which removed ``removed`` from ``dense``) and its tie candidate
     (built on ``fresh``, a second copy of the dense model) at ``pruned``'s unique parameters; both scores are in
-    ``foldgpt.json`` under ``fold_candidates``."""
+    ``foldgpt.json`` under ``fold_candidates``.
+
+    With ``probe`` (a heal of one step or more), each candidate is first healed by it from ``dense``, as written to
+    disk, and the scores after that heal decide: before healing the ties can lead by a margin that healing erases
+    (docs/results/fold-vs-remove.md). Without it the unhealed scores decide."""
     if fresh.model is dense.model:
         raise FoldGPTError("fold_auto needs a second copy of the dense model to build the tie candidate on")
     tokens = tokenize(dense.tokenizer, load_text(config.data, "calibration"))
@@ -70,8 +79,9 @@ def fold_auto(pruned: LoadedModel, dense: LoadedModel, fresh: LoadedModel, remov
                            "or fewer --tie-fit-windows")
     budget = count_parameters(pruned.model)
     influence = redundancy_stats(dense.model, windows).block_influence
+    removal = fold_model(pruned, group_size=1)
     candidates: list[dict[str, Any]] = [{"name": "remove", "removed": sorted(removed), "ties": [], "unique_parameters": budget,
-                   "perplexity": windows_perplexity(pruned.model, held_out, progress=False)}]
+                                         "perplexity": windows_perplexity(pruned.model, held_out, progress=False)}]
     plan = tie_plan_for_budget(dense.model, removed, influence, config.rank, budget)
     tied = None
     if plan is not None:
@@ -82,17 +92,32 @@ def fold_auto(pruned: LoadedModel, dense: LoadedModel, fresh: LoadedModel, remov
         candidates.append({"name": "ties", "removed": fewer, "ties": [list(tie) for tie in ties],
                            "unique_parameters": tied.report.unique,
                            "perplexity": windows_perplexity(tied.loaded.model, held_out, progress=False)})
-    best = min(candidates, key=lambda candidate: candidate["perplexity"])
-    scored = {"fold_candidates": candidates, "fold_choice": best["name"], "fold_check_tokens": int(held_out.numel())}
-    if best["name"] == "remove":
-        result = fold_model(pruned, group_size=1)
-        result.metadata.update(scored)
-        if out is not None:
+    judged = "perplexity"
+    with tempfile.TemporaryDirectory(prefix="foldgpt-fold-auto-") as scratch:
+        scored: dict[str, Any] = {"fold_judged": "unhealed"}
+        if probe is not None and probe.steps > 0 and tied is not None:
+            judged = "perplexity_healed"
+            tied.loaded = save_healed(tied.loaded, Path(scratch) / "ties", tied.metadata)
+            run = replace(probe, checkpoint_every=0, eval_every=0, teacher_cache=str(Path(scratch) / "teacher"))
+            for candidate, result in zip(candidates, (removal, tied)):
+                candidate[judged] = healed_perplexity(result.loaded, dense, held_out, run)
+            scored = {"fold_judged": "after a probe heal", "fold_probe": asdict(probe)}
+        best = min(candidates, key=lambda candidate: candidate[judged])
+        scored.update({"fold_candidates": candidates, "fold_choice": best["name"], "fold_check_tokens": int(held_out.numel())})
+        chosen = removal if best["name"] == "remove" else tied
+        assert chosen is not None
+        chosen.metadata.update(scored)
+        if out is not None and chosen is removal:
             with atomic_output_dir(Path(out), overwrite) as folder:
-                save_compact(result.loaded.model, result.loaded.tokenizer, folder, result.metadata)
-        return result
-    assert tied is not None
-    tied.metadata.update(scored)
-    if out is not None:
-        tied.loaded = save_healed(tied.loaded, Path(out), tied.metadata, overwrite=overwrite)
-    return tied
+                save_compact(removal.loaded.model, removal.loaded.tokenizer, folder, removal.metadata)
+        elif out is not None:
+            chosen.loaded = save_healed(chosen.loaded, Path(out), chosen.metadata, overwrite=overwrite)
+    return chosen
+
+
+def healed_perplexity(candidate: LoadedModel, dense: LoadedModel, held_out: torch.Tensor, probe: HealConfig) -> float:
+    """``candidate``'s perplexity on ``held_out`` after ``probe`` heals a copy of it from ``dense`` (``candidate`` is
+    left as it was, to be written if chosen)."""
+    copy = LoadedModel(model=copy_module(candidate.model), tokenizer=candidate.tokenizer, source=candidate.source)
+    healed = heal(copy, dense, probe).loaded
+    return windows_perplexity(healed.model, held_out, progress=False)

@@ -12,6 +12,7 @@ from foldgpt.cli.settings import FoldSettings
 from foldgpt.core.outputs import check_output_free, read_metadata
 from foldgpt.errors import FoldGPTError
 from foldgpt.formats.plain import folder_weight_bytes
+from foldgpt.healing.config import HealConfig
 from foldgpt.workflows.fold import FoldResult, fold_model, tie_model
 from foldgpt.workflows.fold_plan import fold_auto
 
@@ -51,7 +52,8 @@ def _tie(settings: FoldSettings, args: argparse.Namespace) -> FoldResult:
 
 
 def _auto(settings: FoldSettings, args: argparse.Namespace) -> FoldResult:
-    """``--fold auto`` on a pruned folder: its removal against the tie candidate, built from the model it came from."""
+    """``--fold auto`` on a pruned folder: its removal against the tie candidate, built from the model it came from,
+    each healed first for ``--tie-probe-steps`` steps with ``foldgpt heal``'s defaults (0: compared unhealed)."""
     if settings.ties.ties is not None:
         raise FoldGPTError("--fold auto plans its own ties; drop --ties (or give --ties without --fold auto)")
     student = load(settings.loading)
@@ -59,10 +61,13 @@ def _auto(settings: FoldSettings, args: argparse.Namespace) -> FoldResult:
     if metadata.get("stage") != "prune":
         raise FoldGPTError(f"--fold auto needs a folder written by 'foldgpt prune'; '{student.source}' is not one")
     dense = replace(settings.loading, model=metadata["source_model"])
+    steps = settings.ties.probe_steps
+    probe = HealConfig(steps=HealConfig.steps if steps is None else steps) if steps != 0 else None
     result = fold_auto(student, load(dense), load(dense), metadata["removed"], settings.ties, out=args.out,
-                       overwrite=args.overwrite)
+                       overwrite=args.overwrite, probe=probe)
     for candidate in result.metadata["fold_candidates"]:
+        healed = f", after the probe heal {candidate['perplexity_healed']:.2f}" if "perplexity_healed" in candidate else ""
         print(f"{candidate['name']:<8} removed {candidate['removed']} ties {candidate['ties']}: "
-              f"{candidate['unique_parameters']:,} unique parameters, held-out perplexity {candidate['perplexity']:.2f}")
+              f"{candidate['unique_parameters']:,} unique parameters, held-out perplexity {candidate['perplexity']:.2f}{healed}")
     print(f"kept: {result.metadata['fold_choice']}")
     return result
