@@ -8,8 +8,9 @@ For each ``--targets`` fraction F of SmolLM2-135M's parameters (embeddings count
 - ``bi``: ``prune --method bi --target-params F`` (removal only);
 - ``gates``: the set given by ``--gates F=BLOCKS`` (e.g. the one ``compress`` removed at that target), removal only;
 - ``auto``: ``compress --fold auto``'s fold stage on ``bi``'s removal: removal only against one block fewer and the
-  fewest fitted ties that meet the same unique parameters (``TieConfig()``), the lower on held-out WikiText-2
-  validation text kept (the choice is recorded; where it keeps removal, ``auto`` is ``bi``).
+  fewest fitted ties that meet the same unique parameters (``TieConfig()``), each healed by the default heal first,
+  the lower on held-out WikiText-2 validation text kept (the choice is recorded; where it keeps removal, ``auto`` is
+  ``bi``).
 
 Each is healed with ``HealConfig(seed=S)`` (25 x 1,024 Alpaca tokens) for every ``--seeds`` S, and scored before
 and after on WikiText-2 and PTB *test* (the first 16,384 tokens in windows of 1,024), with its unique parameters
@@ -66,7 +67,7 @@ def students(args: argparse.Namespace, target: float) -> dict[str, Path]:
     auto = work / "auto"
     if not auto.is_dir():
         fold_auto(load_model(str(bi)), load_model(args.model), load_model(args.model), read_metadata(bi)["removed"],
-                  TieConfig(), out=auto)
+                  TieConfig(), out=auto, probe=HealConfig())
     folders["auto"] = auto
     return folders
 
