@@ -283,7 +283,8 @@ def test_fold_auto_meets_the_budget_heals_the_ties_and_exports_them(tiny_folder,
     assert len(ties["removed"]) == len(remove["removed"]) - 1 and ties["ties"]
     # the candidates are judged after a probe heal that is the heal that follows: the healed stage scores the same
     assert folded["fold_judged"] == "after a probe heal" and folded["fold_probe"]["steps"] == 2
-    assert folded["fold_choice"] == min((remove, ties), key=lambda c: c["perplexity_healed"])["name"]
+    ties_win = ties["perplexity_healed"] < (1 - folded["fold_margin"]) * remove["perplexity_healed"]
+    assert folded["fold_margin"] == 0.05 and folded["fold_choice"] == ("ties" if ties_win else "remove")
     chosen = remove if folded["fold_choice"] == "remove" else ties
     tokens = tokenize(foldgpt.load(str(tmp_path / "run" / "healed")).tokenizer, load_text(str(text_file), "calibration"))
     spans = [(s, s + 32) for s in calibration_starts(len(tokens), 2, 32, 0)]
@@ -334,3 +335,10 @@ def test_fold_auto_keeps_removal_only_where_every_tie_loses(tmp_path, text_file)
 def test_fold_auto_refuses_explicit_groups():
     with pytest.raises(FoldGPTError, match="--fold auto plans its own ties"):
         compress_config({"fold": "auto", "group_size": 2}, "test")
+
+
+def test_fold_auto_refuses_a_margin_or_probe_out_of_range():
+    with pytest.raises(FoldGPTError, match="--tie-margin 1.2 is out of range"):
+        compress_config({"fold": "auto", "tie_margin": 1.2}, "test")
+    with pytest.raises(FoldGPTError, match="--tie-probe-steps -1 is out of range"):
+        compress_config({"fold": "auto", "tie_probe_steps": -1}, "test")

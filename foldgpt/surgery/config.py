@@ -146,6 +146,9 @@ class TieConfig:
                                 "that no fitting window overlaps, on which removal only and the tie candidate are compared")
     check_seqlen: int = setting(1024, flag="--tie-check-seqlen", metavar="N", help="with --fold auto: tokens per window "
                                 "of that comparison")
+    margin: float = setting(0.05, flag="--tie-margin", metavar="F", help="with --fold auto: keep the tie candidate only "
+                            "when its perplexity is at least this fraction below removal's (it runs one block more per "
+                            "token); 0.05 is about the spread between two healing seeds (docs/results/fold-vs-remove.md)")
     probe_steps: int | None = setting(None, flag="--tie-probe-steps", metavar="N",
                                       none_means="the heal's whole budget (compress) or 25 steps (fold)",
                                       help="with --fold auto: heal each candidate for N steps before the comparison, as "
@@ -157,6 +160,8 @@ class TieConfig:
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise FoldGPTError(f"--tie-rank {self.rank} is out of range; use 1 or more, e.g. 64")
+        if not 0 <= self.margin < 1:
+            raise FoldGPTError(f"--tie-margin {self.margin} is out of range; use a fraction in [0, 1), e.g. 0.05")
         if self.probe_steps is not None and self.probe_steps < 0:
             raise FoldGPTError(f"--tie-probe-steps {self.probe_steps} is out of range; use 0 (compare unhealed) or more")
         if self.check_tokens < 1 or self.check_seqlen < 2:

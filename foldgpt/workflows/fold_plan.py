@@ -4,8 +4,9 @@ At a parameter budget, removal alone takes ``k`` blocks. The tie candidate keeps
 Influence, removes the other ``k - 1``, and ties as few kept neighbours (the most redundant first, by Block
 Influence) as the budget needs; each tie is fitted by local reconstruction (``foldgpt.healing.ties``). Both
 candidates are healed briefly, as the heal that follows will heal them, and scored by perplexity on windows of the
-fitting text that no fitting window overlaps; the lower one is written, so ``auto`` is never worse than removal only,
-after that heal, on the text it scores. docs/results/tie-init.md and fold-vs-remove.md have the measurements behind
+fitting text that no fitting window overlaps. The ties are written only where they are lower by ``--tie-margin``
+(they run one block more per token), so ``auto`` is never worse than removal only, after that heal, on the text it
+scores. docs/results/tie-init.md and fold-vs-remove.md have the measurements behind
 the construction.
 """
 
@@ -61,9 +62,9 @@ def tie_plan_for_budget(dense: torch.nn.Module, removed: Sequence[int], influenc
 
 def fold_auto(pruned: LoadedModel, dense: LoadedModel, fresh: LoadedModel, removed: Sequence[int], config: TieConfig,
               out: str | Path | None = None, overwrite: bool = False, probe: HealConfig | None = None) -> FoldResult:
-    """Write the better of removal only (``pruned``, which removed ``removed`` from ``dense``) and its tie candidate
-    (built on ``fresh``, a second copy of the dense model) at ``pruned``'s unique parameters; both scores are in
-    ``foldgpt.json`` under ``fold_candidates``.
+    """Write removal only (``pruned``, which removed ``removed`` from ``dense``) or, where its perplexity is lower by
+    ``config.margin``, its tie candidate (built on ``fresh``, a second copy of the dense model) at ``pruned``'s unique
+    parameters; both scores are in ``foldgpt.json`` under ``fold_candidates``.
 
     With ``probe`` (a heal of one step or more), each candidate is first healed by it from ``dense``, as written to
     disk, and the scores after that heal decide: before healing the ties can lead by a margin that healing erases
@@ -102,8 +103,11 @@ def fold_auto(pruned: LoadedModel, dense: LoadedModel, fresh: LoadedModel, remov
             for candidate, result in zip(candidates, (removal, tied)):
                 candidate[judged] = healed_perplexity(result.loaded, dense, held_out, run)
             scored = {"fold_judged": "after a probe heal", "fold_probe": asdict(probe)}
-        best = min(candidates, key=lambda candidate: candidate[judged])
-        scored.update({"fold_candidates": candidates, "fold_choice": best["name"], "fold_check_tokens": int(held_out.numel())})
+        best = candidates[0]  # removal, unless the ties are lower by the margin
+        if len(candidates) == 2 and candidates[1][judged] < (1 - config.margin) * candidates[0][judged]:
+            best = candidates[1]
+        scored.update({"fold_candidates": candidates, "fold_choice": best["name"], "fold_margin": config.margin,
+                       "fold_check_tokens": int(held_out.numel())})
         chosen = removal if best["name"] == "remove" else tied
         assert chosen is not None
         chosen.metadata.update(scored)
