@@ -99,7 +99,9 @@ def fold_auto(pruned: LoadedModel, dense: LoadedModel, fresh: LoadedModel, remov
         if probe is not None and probe.steps > 0 and tied is not None:
             judged = "perplexity_healed"
             tied.loaded = save_healed(tied.loaded, Path(scratch) / "ties", tied.metadata)
-            run = replace(probe, checkpoint_every=0, eval_every=0, teacher_cache=str(Path(scratch) / "teacher"))
+            # the teacher runs on the fly, as in the heal that follows: a cache holds float16 logits (16 GB for a heal
+            # of Gemma-3's 262k-token vocabulary)
+            run = replace(probe, checkpoint_every=0, eval_every=0)
             for candidate, result in zip(candidates, (removal, tied)):
                 candidate[judged] = healed_perplexity(result.loaded, dense, held_out, run)
             scored = {"fold_judged": "after a probe heal", "fold_probe": asdict(probe)}
