@@ -10,11 +10,10 @@ from transformers import AutoModelForCausalLM
 import foldgpt
 from foldgpt.cli.main import main
 from foldgpt.core.manifest import verify
-from foldgpt.data.text import load_text
-from foldgpt.data.windows import calibration_starts, tokenize, windows_avoiding
 from foldgpt.errors import FoldGPTError
 from foldgpt.eval.perplexity import windows_perplexity
 from foldgpt.workflows.compress import compress_config, settings_for
+from foldgpt.workflows.fold_plan import fit_and_check_windows
 from tiny import DEPTH, identity_block_model, save_tiny, tiny_tokenizer
 
 
@@ -286,10 +285,9 @@ def test_fold_auto_meets_the_budget_heals_the_ties_and_exports_them(tiny_folder,
     ties_win = ties["perplexity_healed"] < (1 - folded["fold_margin"]) * remove["perplexity_healed"]
     assert folded["fold_margin"] == 0.05 and folded["fold_choice"] == ("ties" if ties_win else "remove")
     chosen = remove if folded["fold_choice"] == "remove" else ties
-    tokens = tokenize(foldgpt.load(str(tmp_path / "run" / "healed")).tokenizer, load_text(str(text_file), "calibration"))
-    spans = [(s, s + 32) for s in calibration_starts(len(tokens), 2, 32, 0)]
-    held_out = windows_avoiding(tokens, 32, 128, spans)
-    healed_ppl = windows_perplexity(foldgpt.load(str(tmp_path / "run" / "healed")).model, held_out, progress=False)
+    healed = foldgpt.load(str(tmp_path / "run" / "healed"))
+    held_out = fit_and_check_windows(healed.tokenizer, compress_config(options, "test").ties)[1]
+    healed_ppl = windows_perplexity(healed.model, held_out, progress=False)
     assert healed_ppl == pytest.approx(chosen["perplexity_healed"], rel=1e-4)
     written = {id(p): p for p in foldgpt.load(str(tmp_path / "run" / "folded")).model.parameters()}  # deltas included
     assert sum(p.numel() for p in written.values()) == chosen["unique_parameters"]

@@ -60,6 +60,19 @@ def tie_plan_for_budget(dense: torch.nn.Module, removed: Sequence[int], influenc
     return None
 
 
+def fit_and_check_windows(tokenizer: Any, config: TieConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The windows of ``config.data`` the ties are fitted on, and the held-out windows (none overlapping a fitting
+    window) on which ``--fold auto`` compares its candidates."""
+    tokens = tokenize(tokenizer, load_text(config.data, "calibration"))
+    windows = calibration_windows(tokens, config.fit_windows, config.fit_seqlen, config.seed)
+    spans = [(s, s + config.fit_seqlen) for s in calibration_starts(len(tokens), config.fit_windows, config.fit_seqlen, config.seed)]
+    held_out = windows_avoiding(tokens, config.check_seqlen, config.check_tokens, spans)
+    if len(held_out) == 0:
+        raise FoldGPTError(f"--tie-data '{config.data}' has no text left beside the fitting windows; use a longer text "
+                           "or fewer --tie-fit-windows")
+    return windows, held_out
+
+
 def fold_auto(pruned: LoadedModel, dense: LoadedModel, fresh: LoadedModel, removed: Sequence[int], config: TieConfig,
               out: str | Path | None = None, overwrite: bool = False, probe: HealConfig | None = None) -> FoldResult:
     """Write removal only (``pruned``, which removed ``removed`` from ``dense``) or, where its perplexity is lower by
@@ -71,13 +84,7 @@ def fold_auto(pruned: LoadedModel, dense: LoadedModel, fresh: LoadedModel, remov
     (docs/results/fold-vs-remove.md). Without it the unhealed scores decide."""
     if fresh.model is dense.model:
         raise FoldGPTError("fold_auto needs a second copy of the dense model to build the tie candidate on")
-    tokens = tokenize(dense.tokenizer, load_text(config.data, "calibration"))
-    windows = calibration_windows(tokens, config.fit_windows, config.fit_seqlen, config.seed)
-    spans = [(s, s + config.fit_seqlen) for s in calibration_starts(len(tokens), config.fit_windows, config.fit_seqlen, config.seed)]
-    held_out = windows_avoiding(tokens, config.check_seqlen, config.check_tokens, spans)
-    if len(held_out) == 0:
-        raise FoldGPTError(f"--tie-data '{config.data}' has no text left beside the fitting windows; use a longer text "
-                           "or fewer --tie-fit-windows")
+    windows, held_out = fit_and_check_windows(dense.tokenizer, config)
     budget = count_parameters(pruned.model)
     influence = redundancy_stats(dense.model, windows).block_influence
     removal = fold_model(pruned, group_size=1)

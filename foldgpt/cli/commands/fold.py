@@ -62,7 +62,7 @@ def _auto(settings: FoldSettings, args: argparse.Namespace) -> FoldResult:
         raise FoldGPTError(f"--fold auto needs a folder written by 'foldgpt prune'; '{student.source}' is not one")
     dense = replace(settings.loading, model=metadata["source_model"])
     steps = settings.ties.probe_steps
-    probe = HealConfig(steps=HealConfig.steps if steps is None else steps) if steps != 0 else None
+    probe = None if steps == 0 else HealConfig() if steps is None else HealConfig(steps=steps)
     result = fold_auto(student, load(dense), load(dense), metadata["removed"], settings.ties, out=args.out,
                        overwrite=args.overwrite, probe=probe)
     for candidate in result.metadata["fold_candidates"]:
