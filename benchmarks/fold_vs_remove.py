@@ -65,10 +65,11 @@ def students(args: argparse.Namespace, target: float) -> dict[str, Path]:
             prune(load_model(args.model), "gates", blocks=args.gates[target], out=gates)
         folders["gates"] = gates
     auto = work / "auto"
-    if not auto.is_dir():
+    if "auto" in args.variants.split(",") and not auto.is_dir():  # the tie fit and two probe heals: build it only if asked
         fold_auto(load_model(str(bi)), load_model(args.model), load_model(args.model), read_metadata(bi)["removed"],
                   TieConfig(), out=auto, probe=HealConfig())
-    folders["auto"] = auto
+    if auto.is_dir():
+        folders["auto"] = auto
     return folders
 
 

@@ -155,5 +155,27 @@ def test_cli_fold_ties_a_pruned_folder_against_the_model_it_came_from(text, tmp_
     assert main(["fold", str(dense), "--fold", "auto", "--out", str(tmp_path / "dense-auto")]) == 2
 
 
+def test_cli_prune_fold_auto_is_prune_then_fold_auto_in_one_folder(text, tmp_path, capsys):
+    dense = save_tiny(tmp_path / "dense")
+    removal = ["--method", "bi", "--remove", "2", "--calibration", text, "--nsamples", "2", "--seqlen", "16"]
+    plan = ["--fold", "auto", "--tie-rank", "2", "--tie-data", text, "--tie-fit-windows", "2", "--tie-fit-seqlen", "16",
+            "--tie-fit-steps", "3", "--tie-check-tokens", "64", "--tie-check-seqlen", "16", "--tie-probe-steps", "0"]
+    assert main(["prune", str(dense), *removal, *plan, "--out", str(tmp_path / "one")]) == 0
+    assert "kept: " in capsys.readouterr().out
+    assert main(["prune", str(dense), *removal, "--out", str(tmp_path / "pruned")]) == 0
+    assert main(["fold", str(tmp_path / "pruned"), *plan, "--out", str(tmp_path / "two")]) == 0
+    one, two = (json.loads((tmp_path / name / "foldgpt.json").read_text()) for name in ("one", "two"))
+    assert one["source_metadata"]["stage"] == "prune" and one["source_metadata"]["removed"] == _removed(tmp_path / "pruned")
+    assert one["fold_choice"] == two["fold_choice"]
+    for mine, theirs in zip(one["fold_candidates"], two["fold_candidates"], strict=True):
+        assert (mine["removed"], mine["ties"], mine["unique_parameters"]) == (theirs["removed"], theirs["ties"], theirs["unique_parameters"])
+        assert mine["perplexity"] == pytest.approx(theirs["perplexity"], rel=1e-4)
+    ids = random_ids(2, 12)
+    assert torch.allclose(logits(load_model(str(tmp_path / "one")).model, ids), logits(load_model(str(tmp_path / "two")).model, ids), atol=1e-4)
+    for extra in (["--offload", "blocks"], ["--granularity", "sublayer"]):
+        assert main(["prune", str(dense), *removal, *plan, *extra, "--out", str(tmp_path / "refused")]) == 2
+        assert "--fold auto" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+
+
 def _removed(folder) -> list[int]:
     return json.loads((folder / "foldgpt.json").read_text())["removed"]

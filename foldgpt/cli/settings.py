@@ -44,6 +44,10 @@ class PruneSettings:
     replacement: ReplacementConfig = section(ReplacementConfig, title="replacement of the removed blocks",
                                              help="a linear map in place of each removed span (ReplaceMe)")
     offload: OffloadConfig = section(OffloadConfig, title=MEMORY, help="block-by-block selection (bi, angular, sleb)")
+    sharing: SharingConfig = section(SharingConfig, title="ties (--fold auto)", exclude=("group_size", "groups", "parent"),
+                                     help="whether the removal is weighed against one block fewer plus ties")
+    ties: TieConfig = section(TieConfig, title="ties (--fold auto)", exclude=("ties",),
+                              help="how --fold auto fits and compares its tie candidate")
 
 
 @dataclass(frozen=True)

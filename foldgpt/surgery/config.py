@@ -48,9 +48,10 @@ class SharingConfig:
     parent: Parent = setting("first", help="which block of a group lends its weights: first, middle, or largest-gate (the "
                              "block whose learned gate stayed most open; the model must come from 'foldgpt prune --method gates')")
 
-    fold: FoldMode = setting("off", help="off: the groups above; auto (on a pruned folder): its removal against removing one "
-                             "block fewer and tying kept neighbours with fitted deltas at the same unique parameters "
-                             "(the --tie-* settings), the lower perplexity on held-out --tie-data text written "
+    fold: FoldMode = setting("off", help="off: the groups above (prune: removal only); auto (fold: on a pruned folder): the "
+                             "removal against removing one block fewer and tying kept neighbours with fitted deltas at "
+                             "the same unique parameters (the --tie-* settings), each healed first, the ties written "
+                             "only where lower on held-out --tie-data text by --tie-margin; a compact folder "
                              "(docs/results/fold-vs-remove.md)")
 
     def __post_init__(self) -> None:
@@ -150,10 +151,10 @@ class TieConfig:
                             "when its perplexity is at least this fraction below removal's (it runs one block more per "
                             "token); 0.05 is about the spread between two healing seeds (docs/results/fold-vs-remove.md)")
     probe_steps: int | None = setting(None, flag="--tie-probe-steps", metavar="N",
-                                      none_means="the heal's whole budget (compress) or 25 steps (fold)",
+                                      none_means="the heal's whole budget (compress) or 25 steps (fold, prune)",
                                       help="with --fold auto: heal each candidate for N steps before the comparison, as "
                                       "the heal that follows will (compress: its data, window length, rate and seed; "
-                                      "fold: foldgpt heal's defaults), so that the kept one is the one that heals best; "
+                                      "fold, prune: foldgpt heal's defaults), so that the kept one is the one that heals best; "
                                       "0 = compare them unhealed (ties lead before healing and can lose after it: "
                                       "docs/results/fold-vs-remove.md)")
 

@@ -74,14 +74,18 @@ def fit_and_check_windows(tokenizer: Any, config: TieConfig) -> tuple[torch.Tens
 
 
 def fold_auto(pruned: LoadedModel, dense: LoadedModel, fresh: LoadedModel, removed: Sequence[int], config: TieConfig,
-              out: str | Path | None = None, overwrite: bool = False, probe: HealConfig | None = None) -> FoldResult:
+              out: str | Path | None = None, overwrite: bool = False, probe: HealConfig | None = None,
+              source_metadata: dict | None = None) -> FoldResult:
     """Write removal only (``pruned``, which removed ``removed`` from ``dense``) or, where its perplexity is lower by
     ``config.margin``, its tie candidate (built on ``fresh``, a second copy of the dense model) at ``pruned``'s unique
     parameters; both scores are in ``foldgpt.json`` under ``fold_candidates``.
 
     With ``probe`` (a heal of one step or more), each candidate is first healed by it from ``dense``, as written to
     disk, and the scores after that heal decide: before healing the ties can lead by a margin that healing erases
-    (docs/results/fold-vs-remove.md). Without it the unhealed scores decide."""
+    (docs/results/fold-vs-remove.md). Without it the unhealed scores decide.
+
+    ``source_metadata`` is the removal's own ``foldgpt.json`` when ``pruned`` was never written (``prune --fold
+    auto`` prunes in memory); it becomes the written folder's ``source_metadata``, so the lineage is kept."""
     if fresh.model is dense.model:
         raise FoldGPTError("fold_auto needs a second copy of the dense model to build the tie candidate on")
     windows, held_out = fit_and_check_windows(dense.tokenizer, config)
@@ -120,6 +124,8 @@ def fold_auto(pruned: LoadedModel, dense: LoadedModel, fresh: LoadedModel, remov
         chosen = removal if best["name"] == "remove" else tied
         assert chosen is not None
         chosen.metadata.update(scored)
+        if source_metadata is not None:
+            chosen.metadata["source_metadata"] = source_metadata
         if out is not None and chosen is removal:
             with atomic_output_dir(Path(out), overwrite) as folder:
                 save_compact(removal.loaded.model, removal.loaded.tokenizer, folder, removal.metadata)

@@ -11,6 +11,8 @@ from foldgpt.errors import FoldGPTError
 from foldgpt.formats.config import ModelConfig
 from foldgpt.formats.loading import LoadedModel
 from foldgpt.formats.placement import load_placed
+from foldgpt.healing.config import HealConfig
+from foldgpt.surgery.config import TieConfig
 from foldgpt.train.parallel import launched_world_size
 
 DATA_PARALLEL = {("heal", None), ("prune", "gates")}
@@ -35,3 +37,19 @@ def load(config: ModelConfig) -> LoadedModel:
                          trust_remote_code=config.trust_remote_code)
     print(f"loaded {loaded.source} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     return loaded
+
+
+def fold_probe(ties: TieConfig) -> HealConfig | None:
+    """The heal ``fold`` and ``prune`` give each ``--fold auto`` candidate: ``foldgpt heal``'s defaults, or
+    ``--tie-probe-steps`` of them (0: none, the candidates are compared unhealed)."""
+    steps = ties.probe_steps
+    return None if steps == 0 else HealConfig() if steps is None else HealConfig(steps=steps)
+
+
+def print_fold_choice(metadata: dict) -> None:
+    """One line per ``--fold auto`` candidate (its removal, ties, size and held-out scores), then the one kept."""
+    for candidate in metadata["fold_candidates"]:
+        healed = f", after the probe heal {candidate['perplexity_healed']:.2f}" if "perplexity_healed" in candidate else ""
+        print(f"{candidate['name']:<8} removed {candidate['removed']} ties {candidate['ties']}: "
+              f"{candidate['unique_parameters']:,} unique parameters, held-out perplexity {candidate['perplexity']:.2f}{healed}")
+    print(f"kept: {metadata['fold_choice']}")

@@ -6,13 +6,12 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from foldgpt.cli.commands.common import load
+from foldgpt.cli.commands.common import fold_probe, load, print_fold_choice
 from foldgpt.cli.schema import read_config
 from foldgpt.cli.settings import FoldSettings
 from foldgpt.core.outputs import check_output_free, read_metadata
 from foldgpt.errors import FoldGPTError
 from foldgpt.formats.plain import folder_weight_bytes
-from foldgpt.healing.config import HealConfig
 from foldgpt.workflows.fold import FoldResult, fold_model, tie_model
 from foldgpt.workflows.fold_plan import fold_auto
 
@@ -61,13 +60,7 @@ def _auto(settings: FoldSettings, args: argparse.Namespace) -> FoldResult:
     if metadata.get("stage") != "prune":
         raise FoldGPTError(f"--fold auto needs a folder written by 'foldgpt prune'; '{student.source}' is not one")
     dense = replace(settings.loading, model=metadata["source_model"])
-    steps = settings.ties.probe_steps
-    probe = None if steps == 0 else HealConfig() if steps is None else HealConfig(steps=steps)
     result = fold_auto(student, load(dense), load(dense), metadata["removed"], settings.ties, out=args.out,
-                       overwrite=args.overwrite, probe=probe)
-    for candidate in result.metadata["fold_candidates"]:
-        healed = f", after the probe heal {candidate['perplexity_healed']:.2f}" if "perplexity_healed" in candidate else ""
-        print(f"{candidate['name']:<8} removed {candidate['removed']} ties {candidate['ties']}: "
-              f"{candidate['unique_parameters']:,} unique parameters, held-out perplexity {candidate['perplexity']:.2f}{healed}")
-    print(f"kept: {result.metadata['fold_choice']}")
+                       overwrite=args.overwrite, probe=fold_probe(settings.ties))
+    print_fold_choice(result.metadata)
     return result

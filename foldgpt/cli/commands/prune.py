@@ -1,4 +1,4 @@
-"""``foldgpt prune``: choose blocks, remove them, save a plain Hugging Face folder."""
+"""``foldgpt prune``: choose blocks, remove them, save a plain Hugging Face folder (``--fold auto``: or ties, compact)."""
 
 from __future__ import annotations
 
@@ -6,13 +6,15 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from foldgpt.cli.commands.common import load
+from foldgpt.cli.commands.common import fold_probe, load, print_fold_choice
 from foldgpt.cli.schema import read_config
 from foldgpt.cli.settings import PruneSettings
 from foldgpt.core.outputs import check_output_free
 from foldgpt.errors import FoldGPTError
+from foldgpt.formats.loading import LoadedModel
 from foldgpt.selection.config import ProbeConfig, default_calibration
 from foldgpt.train.parallel import is_main_process
+from foldgpt.workflows.fold_plan import fold_auto
 from foldgpt.workflows.prune import parse_blocks, prune
 from foldgpt.workflows.prune_blockwise import prune_blockwise
 
@@ -33,12 +35,16 @@ def run(args: argparse.Namespace) -> None:
     selection, target = settings.selection, settings.target
     if selection.blocks is None and selection.method is None:
         raise FoldGPTError("prune needs --method M and a target (--remove N, ...), or --blocks SPEC")
+    folds = settings.sharing.fold == "auto"
+    if folds:
+        check_fold_auto(settings)
     if settings.offload.offload == "blocks":
         run_blockwise(settings, args.out, args.overwrite)
         return
     blocks = None if selection.blocks is None else parse_blocks(selection.blocks)
     main_process = is_main_process()  # torchrun / accelerate launch (--method gates): rank 0 writes
-    result = prune(load(settings.loading), selection.method or "given", calibration=settings.calibration, out=args.out,
+    result = prune(load(settings.loading), selection.method or "given", calibration=settings.calibration,
+                   out=None if folds else args.out,
                    overwrite=args.overwrite, gate_config=settings.gates, granularity=selection.granularity, blocks=blocks,
                    probe=probe_config(settings), remove=target.remove, remove_ratio=target.remove_ratio,
                    target_params=target.target_params, target_flops=target.target_flops, replacement=settings.replacement)
@@ -57,7 +63,30 @@ def run(args: argparse.Namespace) -> None:
         single = meta["removed_sublayers"]
         print(f"removed sub-layers of kept blocks: attention {single.get('attention', [])}, MLP {single.get('mlp', [])}")
     print_replacement(meta)
-    print_sizes(meta, args.out)
+    if folds:
+        fold_removal(settings, meta, result.loaded, args.out, args.overwrite)
+    else:
+        print_sizes(meta, args.out)
+
+
+def check_fold_auto(settings: PruneSettings) -> None:
+    """Refuse, before any selection runs, what ``--fold auto`` cannot weigh."""
+    if settings.offload.offload == "blocks":
+        raise FoldGPTError("--fold auto fits and heals its candidates with the whole model in memory; drop --offload blocks")
+    if settings.selection.granularity != "block":
+        raise FoldGPTError("--fold auto weighs removals of whole blocks; drop --granularity sublayer")
+
+
+def fold_removal(settings: PruneSettings, meta: dict, pruned: LoadedModel, out: str, overwrite: bool) -> None:
+    """``--fold auto``: the removal just made (in memory) against one block fewer plus ties at its unique parameters,
+    built on fresh copies of the input model, each healed first (``foldgpt.workflows.fold_plan``); the kept one is
+    written to ``out`` as a compact folder whose ``foldgpt.json`` keeps the removal's record as its source."""
+    chosen = fold_auto(pruned, load(settings.loading), load(settings.loading), meta["removed"], settings.ties, out=out,
+                       overwrite=overwrite, probe=fold_probe(settings.ties), source_metadata=meta)
+    print_fold_choice(chosen.metadata)
+    print(f"parameters {meta['parameters_before']:,} -> {chosen.report.unique:,} unique "
+          f"({chosen.report.unique / meta['parameters_before']:.1%}); wrote {out} (compact: load it with foldgpt, "
+          "'foldgpt export --plain' for a vanilla folder)")
 
 
 def run_blockwise(settings: PruneSettings, out: str, overwrite: bool) -> None:
