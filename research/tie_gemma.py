@@ -31,13 +31,20 @@ def main() -> None:
     parser.add_argument("--model", default="gemma3-270m")
     parser.add_argument("--removed", default="8,9,14,15,17", help="the tie candidate's removal")
     parser.add_argument("--plans", default=",1:2,11:10,1:2;11:10", help="tie specs separated by ',' (';' joins ties)")
+    parser.add_argument("--fit-windows", type=int, default=TieConfig().fit_windows)
+    parser.add_argument("--fit-seqlen", type=int, default=TieConfig().fit_seqlen, help="tokens per fitting window (the "
+                        "held-out windows stay those of TieConfig())")
+    parser.add_argument("--fit-seed", type=int, default=TieConfig().seed, help="seed of the fitting windows (with "
+                        "--fit-seqlen 1024 on Gemma-3, 3 keeps them off the held-out windows, the first 10,240 tokens)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     removed = [int(b) for b in args.removed.split(",")]
     dense = load_model(args.model)
     _, held_out = fit_and_check_windows(dense.tokenizer, TieConfig())
+    fitting = replace(TieConfig(), fit_windows=args.fit_windows, fit_seqlen=args.fit_seqlen, seed=args.fit_seed)
     record: dict = {"model": args.model, "removed": removed, "layer_types": getattr(dense.model.config, "layer_types", None),
-                    "held_out_tokens": int(held_out.numel()), "rows": []}
+                    "held_out_tokens": int(held_out.numel()),
+                    "fit": {"windows": args.fit_windows, "seqlen": args.fit_seqlen, "seed": args.fit_seed}, "rows": []}
     for spec in args.plans.split(","):
         start = time.perf_counter()
         student = load_model(args.model)
@@ -45,7 +52,7 @@ def main() -> None:
         fits: list = []
         model = student.model
         if spec:
-            tied = tie_model(student, dense, replace(TieConfig(), ties=spec.replace(";", ",")), removed=removed)
+            tied = tie_model(student, dense, replace(fitting, ties=spec.replace(";", ",")), removed=removed)
             model, fits = tied.loaded.model, tied.metadata["tie_fits"]
         row = {"ties": spec.replace(";", ","), "perplexity": windows_perplexity(model, held_out, progress=False),
                "local_error": [{"child": fit["child"], "before": fit["losses"][0], "after": fit["losses"][-1]} for fit in fits],
